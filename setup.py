@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="massl",
+    version="0.1.0",
+    description="MaSSL self-supervised pretraining of vision transformers at scale",
+    python_requires=">=3.10",
+    packages=find_packages(include=["massl", "massl.*", "data_tools", "data_tools.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "torchvision>=0.21",
+        "timm>=1.0,<1.1",
+        "pyyaml>=6",
+        "numpy",
+        "pillow",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+    ],
+    extras_require={
+        "webdataset": ["webdataset==1.0.2"],
+        "deepspeed": ["deepspeed==0.19.8"],
+        "quickstart": ["scikit-learn>=1.3"],
+        "dev": ["pytest>=7", "scikit-learn>=1.3", "scikit-image>=0.22", "webdataset==1.0.2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "massl-train=massl.cli:train_main",
+            "massl-eval=massl.cli:eval_main",
+            "massl-export=massl.cli:export_main",
+            "massl-shard=data_tools.shard:main",
+        ]
+    },
+)
