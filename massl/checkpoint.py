@@ -1,0 +1,127 @@
+"""Atomic checkpoints: keep-N, find the newest complete one, never trust a partial write.
+
+Layout under <output_dir>/checkpoints/:
+    step_000001000/          one checkpoint: the engine's files + manifest.json (written last)
+    .tmp-step_000001000/     a checkpoint being written (ignored, removed on the next save)
+    latest                   text file naming the newest complete checkpoint, replaced atomically
+
+A checkpoint counts only if its directory was renamed from the temporary name (after every rank
+finished writing and the files were fsynced) and every file listed in its manifest has the
+recorded size. Anything else is skipped with a warning in favour of an older one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from typing import Callable, Optional
+
+from .dist import barrier
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _listing(directory: str) -> dict[str, int]:
+    files = {}
+    for dirpath, _, names in os.walk(directory):
+        for n in names:
+            if n == MANIFEST:
+                continue
+            full = os.path.join(dirpath, n)
+            files[os.path.relpath(full, directory)] = os.path.getsize(full)
+    return files
+
+
+def is_complete(directory: str) -> tuple[bool, str]:
+    """(ok, reason): the manifest exists and every listed file has its recorded size."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return False, f"no readable {MANIFEST} ({e.__class__.__name__})"
+    for rel, size in manifest.get("files", {}).items():
+        full = os.path.join(directory, rel)
+        if not os.path.isfile(full):
+            return False, f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return False, f"{rel} has {os.path.getsize(full)} bytes, manifest says {size}"
+    return True, ""
+
+
+def read_manifest(directory: str) -> dict:
+    with open(os.path.join(directory, MANIFEST)) as f:
+        return json.load(f)
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str, keep_last: int, is_main: bool = True, group=None):
+        self.root = os.path.join(output_dir, "checkpoints")
+        self.keep_last, self.is_main, self.group = keep_last, is_main, group
+        if is_main:
+            os.makedirs(self.root, exist_ok=True)
+
+    def step_dirs(self) -> list[tuple[int, str]]:
+        """(step, path) of every finished checkpoint directory, newest first."""
+        if not os.path.isdir(self.root):
+            return []
+        out = []
+        for name in os.listdir(self.root):
+            m = _STEP_DIR.match(name)
+            if m:
+                out.append((int(m.group(1)), os.path.join(self.root, name)))
+        return sorted(out, reverse=True)
+
+    def latest_complete(self) -> Optional[str]:
+        for step, path in self.step_dirs():
+            ok, reason = is_complete(path)
+            if ok:
+                return path
+            warnings.warn(f"checkpoint {path} is incomplete ({reason}); falling back to an older one")
+        return None
+
+    def save(self, step: int, write: Callable[[str], None], meta: dict) -> str:
+        """Collective: every rank calls `write(tmp_dir)`; rank 0 seals, renames and prunes."""
+        name = f"step_{step:09d}"
+        tmp, final = os.path.join(self.root, ".tmp-" + name), os.path.join(self.root, name)
+        if self.is_main:
+            for stale in os.listdir(self.root):
+                if stale.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(self.root, stale), ignore_errors=True)
+            if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.makedirs(tmp)
+        barrier(self.group)
+        write(tmp)
+        barrier(self.group)
+        if self.is_main:
+            files = _listing(tmp)
+            for rel in files:
+                _fsync_path(os.path.join(tmp, rel))
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump({"step": step, "files": files, **meta}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+            _fsync_path(self.root)
+            pointer = os.path.join(self.root, "latest.tmp")
+            with open(pointer, "w") as f:
+                f.write(name + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(pointer, os.path.join(self.root, "latest"))
+            for _, old in self.step_dirs()[self.keep_last:]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.group)
+        return final

@@ -1,0 +1,362 @@
+"""Typed configuration: YAML files plus dotted `key=value` overrides, validated before any work.
+
+Defaults are the published MaSSL ViT-B/16 recipe (method.md, "Published hyper-parameters").
+Every key is documented in docs/config.md; `massl-train --print-config` shows the resolved tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+MIN_TEMPERATURE = 0.025
+
+
+class ConfigError(ValueError):
+    """A config key has a bad value; the message names the key and says what to change."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/massl"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16
+    max_steps: int = 0  # stop after this many steps (0: train all epochs); schedules still span optim.epochs
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+    log_every: int = 10
+    tensorboard: bool = True
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
+    keep_last: int = 3
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_base"  # vit_tiny | vit_small | vit_base | vit_large | custom
+    patch_size: int = 16
+    embed_dim: int = 0  # custom arch only
+    depth: int = 0  # custom arch only
+    num_heads: int = 0  # custom arch only
+    pooling: str = "cls"  # cls | mean
+    drop_path: float = 0.1  # student only
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    head_use_bn: bool = False
+
+
+@dataclass
+class MemoryConfig:
+    size: int = 131072  # K, "out_dim" in the published code
+    partition_size: int = 16384  # P
+    sharded: bool = True  # each rank owns size/world slots; false: full replica per rank (published)
+    chunk_rows: int = 0  # rows per chunk of the loss (0: all rows at once); bounds peak memory
+
+
+@dataclass
+class LossConfig:
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 50
+    koleo_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | lars
+    epochs: int = 400
+    lr: float = 0.00075  # per 256 images: actual lr = lr * global_batch / 256
+    min_lr: float = 2e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd / lars
+    clip_grad: float = 3.0  # 0 disables clipping
+    clip_mode: str = "per_param"  # per_param (published) | global
+    momentum_teacher: float = 0.996
+
+
+@dataclass
+class AugConfig:
+    interpolation: str = "bicubic"  # bicubic | bilinear
+    flip_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob_global1: float = 1.0
+    blur_prob_global2: float = 0.1
+    blur_prob_local: float = 0.5
+    solarize_prob_global2: float = 0.2
+    rotation_degrees: float = 0.0
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class DataConfig:
+    source: str = "imagefolder"  # imagefolder | webdataset
+    path: str = ""  # imagefolder root (class sub-folders or flat)
+    urls: str = ""  # webdataset shards: brace pattern, local paths or pipe: commands
+    samples_per_epoch: int = 0  # webdataset: 0 reads the count from the shards' manifest.json
+    shuffle_buffer: int = 5000  # webdataset sample shuffle buffer
+    batch_size: int = 32  # per rank
+    num_workers: int = 8
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    global_crops_scale: list = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list = field(default_factory=lambda: [0.05, 0.32])
+    local_crops_number: int = 10
+    gpu_augment: bool = False
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "single"  # single | ddp | fsdp | deepspeed
+    activation_checkpointing: str = "none"  # none | full | every_k
+    ac_every: int = 2  # every_k: checkpoint every k-th block
+    compile: bool = False  # torch.compile each transformer block
+    zero_stage: int = 2  # deepspeed only
+    deepspeed_config: str = ""  # deepspeed only: optional JSON merged over massl's settings
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES = {
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.precision": ("auto", "fp32", "bf16", "fp16"),
+    "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "custom"),
+    "model.pooling": ("cls", "mean"),
+    "optim.name": ("adamw", "sgd", "lars"),
+    "optim.clip_mode": ("per_param", "global"),
+    "data.source": ("imagefolder", "webdataset"),
+    "data.aug.interpolation": ("bicubic", "bilinear"),
+    "engine.name": ("single", "ddp", "fsdp", "deepspeed"),
+    "engine.activation_checkpointing": ("none", "full", "every_k"),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _convert(key: str, value: Any, typ: Any) -> Any:
+    """Coerce a YAML/CLI value to the schema type of `key`, or raise ConfigError."""
+    if get_origin(typ) is list or typ is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list such as [0.32, 1.0], got {value!r}")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key; valid keys here are {', '.join(sorted(names))}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            _merge(current, v, key + ".")
+        else:
+            setattr(obj, k, _convert(key, v, hints[k]))
+
+
+def _dotted_to_nested(overrides: list[str]) -> list[dict]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+        nested: dict = {}
+        cur = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+        out.append(nested)
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then `validate` (world-size-free checks)."""
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: file {path!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        _merge(cfg, data)
+    for nested in _dotted_to_nested(overrides or []):
+        _merge(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Reject bad values and combinations with a message that names the key.
+
+    Checks that need the world size (global batch vs memory ring, memory shards) run when
+    `world_size` is given, i.e. at launch before anything is built.
+    """
+    for key, choices in CHOICES.items():
+        _require(_get(cfg, key) in choices, key, f"must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+
+    r, m, mem, o, d, a, e = cfg.run, cfg.model, cfg.memory, cfg.optim, cfg.data, cfg.data.aug, cfg.engine
+    for key in ("run.log_every", "run.checkpoint_every", "run.keep_last", "model.patch_size",
+                "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_layers",
+                "memory.size", "memory.partition_size", "optim.epochs", "data.batch_size",
+                "data.global_crop_size", "engine.ac_every"):
+        _require(_get(cfg, key) >= 1, key, f"must be >= 1, got {_get(cfg, key)}")
+    for key in ("run.max_steps", "run.threads", "memory.chunk_rows", "data.num_workers",
+                "data.local_crops_number", "data.samples_per_epoch", "data.shuffle_buffer",
+                "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay",
+                "optim.weight_decay_end", "optim.clip_grad", "loss.koleo_weight",
+                "loss.warmup_teacher_temp_epochs", "model.drop_path", "data.aug.rotation_degrees"):
+        _require(_get(cfg, key) >= 0, key, f"must be >= 0, got {_get(cfg, key)}")
+    for key in ("loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp"):
+        # The loss exponentiates logits shifted by their bound 1/t: exp(-2/t) must stay a normal fp32.
+        _require(_get(cfg, key) >= MIN_TEMPERATURE, key,
+                 f"must be >= {MIN_TEMPERATURE} (fp32 range of the partition softmax), got {_get(cfg, key)}")
+    for key in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob_global1",
+                "blur_prob_global2", "blur_prob_local", "solarize_prob_global2"):
+        v = getattr(a, key)
+        _require(0 <= v <= 1, "data.aug." + key, f"is a probability, must be in [0, 1], got {v}")
+    _require(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher", f"must be in [0, 1], got {o.momentum_teacher}")
+    _require(o.min_lr <= o.lr, "optim.min_lr", f"({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    _require(o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
+             f"({o.warmup_epochs}) must not exceed optim.epochs ({o.epochs})")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two numbers in [0, 1), got {o.betas}")
+    _require(m.drop_path < 1, "model.drop_path", f"must be < 1, got {m.drop_path}")
+
+    if m.arch == "custom":
+        for key in ("embed_dim", "depth", "num_heads"):
+            _require(getattr(m, key) >= 1, f"model.{key}", "must be set (>= 1) when model.arch is custom")
+        _require(m.embed_dim % m.num_heads == 0, "model.embed_dim",
+                 f"({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})")
+    else:
+        _require(m.patch_size in (8, 14, 16), "model.patch_size",
+                 f"named archs come with patch 8, 14 or 16, got {m.patch_size}; use model.arch=custom for others")
+
+    _require(mem.partition_size <= mem.size, "memory.partition_size",
+             f"({mem.partition_size}) must not exceed memory.size ({mem.size}); lower it or raise memory.size")
+
+    for key in ("data.global_crops_scale", "data.local_crops_scale"):
+        v = _get(cfg, key)
+        _require(len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1] <= 1,
+                 key, f"must be [min, max] with 0 < min <= max <= 1, got {v}")
+    for key in ("mean", "std"):
+        v = getattr(a, key)
+        _require(len(v) == 3, "data.aug." + key, f"must be 3 numbers (RGB), got {v}")
+    _require(all(s > 0 for s in a.std), "data.aug.std", f"must be positive, got {a.std}")
+    _require(d.global_crop_size % m.patch_size == 0, "data.global_crop_size",
+             f"({d.global_crop_size}) must be divisible by model.patch_size ({m.patch_size})")
+    if d.local_crops_number > 0:
+        _require(d.local_crop_size >= 1 and d.local_crop_size % m.patch_size == 0, "data.local_crop_size",
+                 f"({d.local_crop_size}) must be a positive multiple of model.patch_size ({m.patch_size})")
+
+    if d.source == "imagefolder":
+        _require(bool(d.path), "data.path", "is required when data.source is imagefolder")
+        _require(os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
+    else:
+        _require(bool(d.urls), "data.urls", "is required when data.source is webdataset (e.g. shards/train-{000000..000099}.tar)")
+
+    if r.resume not in ("auto", "never"):
+        _require(os.path.isdir(r.resume), "run.resume", f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
+    if e.name != "deepspeed":
+        _require(not e.deepspeed_config, "engine.deepspeed_config", "is only used with engine.name=deepspeed")
+    _require(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
+    if e.deepspeed_config:
+        _require(os.path.isfile(e.deepspeed_config), "engine.deepspeed_config",
+                 f"file {e.deepspeed_config!r} does not exist")
+
+    if world_size is not None:
+        g = world_size * d.batch_size
+        _require(mem.size % g == 0, "memory.size",
+                 f"({mem.size}) must be a multiple of the global batch ({world_size} ranks x data.batch_size "
+                 f"{d.batch_size} = {g}) so the FIFO ring fills evenly; change memory.size or data.batch_size")
+        if mem.sharded:
+            _require(mem.size % world_size == 0, "memory.size",
+                     f"({mem.size}) must be divisible by the world size ({world_size}) to shard the memory")
+        if world_size > 1:
+            _require(e.name != "single", "engine.name",
+                     f"is single but {world_size} processes were launched; use ddp, fsdp or deepspeed")

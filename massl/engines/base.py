@@ -1,0 +1,113 @@
+"""The engine interface, implemented for one process (`single`).
+
+An engine owns everything that depends on how the models are parallelised: wrapping (in one
+place, in a fixed order: activation checkpointing, compile, then the parallel wrapper),
+precision, the optimiser step with clipping, the teacher EMA, and checkpoint I/O. The training
+loop only calls `student(crops)`, `teacher(crops)`, `autocast()`, `backward()`, `step()`,
+`save()` and `load()`, and never asks which engine it has.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..dist import DistEnv
+from ..optim import build_optimizer, clip_grads_, ema_update_, param_groups, set_hparams
+
+STATE_FILE = "state.pt"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("run.precision: fp16 needs a CUDA device (it uses a grad scaler); use fp32 or bf16 on CPU")
+    return precision
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Engine:
+    name = "single"
+
+    def __init__(self, cfg: Config, env: DistEnv, student: nn.Module, teacher: nn.Module):
+        self.cfg, self.env = cfg, env
+        self.precision = resolve_precision(cfg.run.precision, env.device)
+        self.student, self.teacher = self.wrap(student.to(env.device), teacher.to(env.device))
+        fused = env.device.type == "cuda" and cfg.optim.name == "adamw"
+        self.optimizer = build_optimizer(cfg.optim, param_groups(self.student), fused=fused)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+    # -- wrapping ------------------------------------------------------------------------------
+    def wrap(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return student, teacher
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.env.device.type, dtype=DTYPES[self.precision])
+
+    # -- one step ------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def student_params(self) -> list[torch.Tensor]:
+        """Local tensors of the student's parameters, in the same order as teacher_params()."""
+        return list(self.student.parameters())
+
+    def teacher_params(self) -> list[torch.Tensor]:
+        return list(self.teacher.parameters())
+
+    def local_grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.student.parameters() if p.grad is not None]
+
+    grad_group = None  # group over which gradient shards are reduced for norms (FSDP)
+
+    def clip(self) -> torch.Tensor:
+        o = self.cfg.optim
+        return clip_grads_(self.local_grads(), o.clip_grad, o.clip_mode, self.grad_group)
+
+    def step(self, lr: float, wd: float, momentum: float) -> torch.Tensor:
+        """Clip, optimiser step, zero grads, teacher EMA. Returns the gradient norm before clipping."""
+        set_hparams(self.optimizer, lr, wd)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = self.clip()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update_(self.teacher_params(), self.student_params(), momentum)
+        return norm
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, directory: str, memory, trainer_state: dict) -> None:
+        """Write models, optimiser, the memory bank and `trainer_state` into `directory`
+        (collective in subclasses). The memory is saved whole, so any world size can load it."""
+        state = {
+            "memory": memory.full_state_dict(),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "trainer": trainer_state,
+        }
+        torch.save(state, os.path.join(directory, STATE_FILE))
+
+    def load(self, directory: str, memory) -> dict:
+        """Restore models, optimiser and memory from `directory`; returns the trainer state saved with it."""
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location=self.env.device, weights_only=True)
+        memory.load_state_dict(state["memory"])
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        return state["trainer"]

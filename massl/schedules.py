@@ -1,0 +1,73 @@
+"""Per-iteration schedules (method.md steps 8-10), as closed forms of the iteration `it`.
+
+With T = epochs * iters_per_epoch total iterations and Wu = warmup iterations:
+  lr(it)       = base * it / Wu                                     for it < Wu (base = lr * G / 256)
+               = min_lr + (base - min_lr) * (1 + cos(pi * (it - Wu) / (T - Wu))) / 2   otherwise
+  wd(it)       = wd_end + (wd - wd_end) * (1 + cos(pi * it / T)) / 2
+  momentum(it) = 1 + (m0 - 1) * (1 + cos(pi * it / T)) / 2
+  t_temp(it)   = warm + (final - warm) * it / Wt  for it < Wt (Wt = warmup_teacher_temp_epochs * ipe), final after
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import Config
+
+
+def cosine(it: int, total: int, start: float, end: float) -> float:
+    """Cosine from `start` at it=0 to `end` at it=total."""
+    frac = min(max(it / max(total, 1), 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+@dataclass
+class Schedules:
+    iters_per_epoch: int
+    total_iters: int
+    base_lr: float
+    min_lr: float
+    warmup_iters: int
+    wd: float
+    wd_end: float
+    momentum_teacher: float
+    teacher_temp: float
+    warmup_teacher_temp: float
+    teacher_temp_iters: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, iters_per_epoch: int, global_batch: int) -> "Schedules":
+        o, lo = cfg.optim, cfg.loss
+        return cls(
+            iters_per_epoch=iters_per_epoch,
+            total_iters=o.epochs * iters_per_epoch,
+            base_lr=o.lr * global_batch / 256.0,
+            min_lr=o.min_lr,
+            warmup_iters=int(round(o.warmup_epochs * iters_per_epoch)),
+            wd=o.weight_decay,
+            wd_end=o.weight_decay_end,
+            momentum_teacher=o.momentum_teacher,
+            teacher_temp=lo.teacher_temp,
+            warmup_teacher_temp=lo.warmup_teacher_temp,
+            teacher_temp_iters=int(round(lo.warmup_teacher_temp_epochs * iters_per_epoch)),
+        )
+
+    def lr(self, it: int) -> float:
+        if it < self.warmup_iters:
+            return self.base_lr * it / self.warmup_iters
+        return cosine(it - self.warmup_iters, self.total_iters - self.warmup_iters, self.base_lr, self.min_lr)
+
+    def weight_decay(self, it: int) -> float:
+        return cosine(it, self.total_iters, self.wd, self.wd_end)
+
+    def momentum(self, it: int) -> float:
+        return cosine(it, self.total_iters, self.momentum_teacher, 1.0)
+
+    def teacher_temperature(self, it: int) -> float:
+        if it < self.teacher_temp_iters:
+            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * it / self.teacher_temp_iters
+        return self.teacher_temp
+
+    def at(self, it: int) -> dict:
+        return {"lr": self.lr(it), "wd": self.weight_decay(it), "momentum": self.momentum(it),
+                "teacher_temp": self.teacher_temperature(it)}

@@ -1,0 +1,166 @@
+"""The training loop: the same for every engine and data source (architecture.md's data flow)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .checkpoint import CheckpointManager
+from .config import Config, validate
+from .data import build_data
+from .dist import DistEnv, all_reduce_, init_distributed
+from .engines import build_engine
+from .logging import MetricsLogger, peak_memory_gib
+from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
+from .memory import MemoryBank
+from .models import build_student_teacher
+from .schedules import Schedules
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _resume_dir(cfg: Config, ckpt: CheckpointManager):
+    if cfg.run.resume == "never":
+        return None
+    if cfg.run.resume == "auto":
+        return ckpt.latest_complete()
+    return cfg.run.resume
+
+
+def train(cfg: Config, env: DistEnv | None = None) -> dict:
+    """Run (or resume) the training described by `cfg`. Returns a summary of the last step."""
+    env = env or init_distributed(cfg.run.device)
+    validate(cfg, env.world_size)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    if env.is_main:
+        with open(os.path.join(cfg.run.output_dir, "config.yaml"), "w") as f:
+            f.write(cfg.to_yaml())
+
+    data = build_data(cfg, env.rank, env.world_size, env.device.type)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    student, teacher = build_student_teacher(cfg)
+    engine = build_engine(cfg, env, student, teacher)
+    # Sharded: the loss and memory span all ranks. Replicated (published layout): the loss sees
+    # the local batch, the memory still stores every rank's keys.
+    loss_group = env.group if cfg.memory.sharded else None
+    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
+                        sharded=cfg.memory.sharded, seed=cfg.run.seed, device=env.device)
+    # Engines average gradients over ranks, while a sharded loss gives each rank its slice of
+    # the *global* loss' gradient: scale so the average is that gradient.
+    backward_scale = float(env.world_size) if loss_group is not None else 1.0
+
+    global_batch = cfg.data.batch_size * env.world_size
+    ipe = data.iters_per_epoch
+    sched = Schedules.from_config(cfg, ipe, global_batch)
+    total_steps = cfg.optim.epochs * ipe
+    stop = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
+
+    ckpt = CheckpointManager(cfg.run.output_dir, cfg.run.keep_last, env.is_main, env.group)
+    step = 0
+    resume_from = _resume_dir(cfg, ckpt)
+    if resume_from:
+        trainer_state = engine.load(resume_from, memory)
+        step = int(trainer_state["step"])
+        _set_rng_state(trainer_state["rng"], env.device)
+    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, total_steps, step)
+    logger.message(f"massl: engine {engine.name}, {env.world_size} rank(s) on {env.device.type}, precision "
+                   f"{engine.precision}, global batch {global_batch}, {ipe} steps/epoch, steps {step} -> {stop}"
+                   + (f", resumed from {resume_from}" if resume_from else ""))
+
+    def save_checkpoint() -> None:
+        check_finite()
+        trainer_state = {"step": step, "rng": _rng_state(env.device)}
+        ckpt.save(step, lambda d: engine.save(d, memory, trainer_state),
+                  meta={"engine": engine.name, "world_size": env.world_size, "epoch": step // ipe})
+
+    bad_step = torch.full((), -1, dtype=torch.long, device=env.device)  # first non-finite step, no sync
+
+    def check_finite() -> None:
+        first = all_reduce_(bad_step.clone(), env.group, op=torch.distributed.ReduceOp.MAX)
+        if first.item() >= 0:
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {first.item()}; the last complete checkpoint in "
+                f"{ckpt.root} is intact. Lower optim.lr, raise optim.warmup_epochs, or use run.precision=fp32")
+
+    loss_sum = torch.zeros((), device=env.device)
+    skipped = torch.zeros((), device=env.device)
+    summary = {"step": step}
+    last_saved = step if resume_from else -1
+    try:
+        while step < stop:
+            epoch, start = divmod(step, ipe)
+            for batch in data.epoch(epoch, start):
+                crops = data.prepare(batch, env.device)
+                h = sched.at(step)
+                with engine.autocast():
+                    zs = engine.student(crops)
+                    with torch.no_grad():
+                        zt = engine.teacher(crops[:2])
+                perm = random_partition_perm(cfg.memory.size, cfg.run.seed, step, env.device)
+                loss = massl_loss(zs, zt, memory.bank, perm, cfg.memory.partition_size, cfg.loss.student_temp,
+                                  h["teacher_temp"], group=loss_group, chunk_rows=cfg.memory.chunk_rows)
+                total = loss
+                if cfg.loss.koleo_weight > 0:
+                    koleo = 0.5 * (koleo_loss(zs[0], loss_group) + koleo_loss(zs[1], loss_group))
+                    total = loss + cfg.loss.koleo_weight * koleo
+                engine.backward(total * backward_scale)
+                grad_norm = engine.step(h["lr"], h["wd"], h["momentum"])
+                log_now = (step + 1) % cfg.run.log_every == 0 or step + 1 == stop
+                if log_now:
+                    top1, top5 = partition_agreement(zs[0].detach(), zt[1], memory.bank, perm,
+                                                     cfg.memory.partition_size, loss_group)
+                memory.enqueue(zt[1])
+
+                total = total.detach()
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total), step, bad_step)
+                loss_sum += total
+                skipped += batch.skipped
+                step += 1
+                if log_now:
+                    check_finite()
+                    n = (step - 1) % cfg.run.log_every + 1
+                    stats = torch.stack([loss_sum / n, skipped])
+                    if loss_group is None:  # replicated: every rank has its own loss; report the mean
+                        all_reduce_(stats[:1], env.group)
+                        stats[0] /= env.world_size
+                    all_reduce_(stats[1:], env.group)
+                    metrics = {"loss": stats[0].item(), "skipped_images": stats[1].item(), **h,
+                               "grad_norm": grad_norm.item(), "agree_top1": top1.item(),
+                               "agree_top5": top5.item(), "peak_mem_gib": peak_memory_gib(env.device)}
+                    if cfg.loss.koleo_weight > 0:
+                        metrics["koleo"] = koleo.item()
+                    logger.log(step, epoch, metrics, global_batch)
+                    summary = {"step": step, **metrics}
+                    loss_sum.zero_()
+                if step % cfg.run.checkpoint_every == 0 or step == stop:
+                    save_checkpoint()
+                    last_saved = step
+                if step >= stop:
+                    break
+        if last_saved != step:
+            save_checkpoint()
+    finally:
+        logger.close()
+        data.close()
+    if env.is_main:
+        with open(os.path.join(cfg.run.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
