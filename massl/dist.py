@@ -10,6 +10,11 @@ import torch
 import torch.distributed as dist
 
 
+# torch >= 2.12 renamed the tensor collectives; keep working on older releases (the GPU image has 2.11).
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 @dataclass
 class DistEnv:
     rank: int = 0
@@ -75,7 +80,7 @@ def gather_rows(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Te
         return x
     x = x.contiguous()
     out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_tensor(out, x, group=group)
     return out
 
 
@@ -98,7 +103,7 @@ class _GatherRowsWithGrad(torch.autograd.Function):
         _, world = world_of(ctx.group)
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return out, None
 
 
