@@ -89,7 +89,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         check_finite()
         trainer_state = {"step": step, "rng": _rng_state(env.device)}
         ckpt.save(step, lambda d: engine.save(d, memory, trainer_state),
-                  meta={"engine": engine.name, "world_size": env.world_size, "epoch": step // ipe})
+                  meta={"format": engine.checkpoint_format, "engine": engine.name, "world_size": env.world_size, "epoch": step // ipe})
 
     bad_step = torch.full((), -1, dtype=torch.long, device=env.device)  # first non-finite step, no sync
 

@@ -34,6 +34,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class Engine:
     name = "single"
+    checkpoint_format = "torch"  # recorded in each checkpoint's manifest; see engines.load_teacher_state_dict
 
     def __init__(self, cfg: Config, env: DistEnv, student: nn.Module, teacher: nn.Module):
         self.cfg, self.env = cfg, env
@@ -88,6 +89,12 @@ class Engine:
         return norm
 
     # -- checkpoints ---------------------------------------------------------------------------
+    @staticmethod
+    def read_teacher_state_dict(directory: str) -> dict:
+        """The teacher's full state dict from a checkpoint of this format, without a process group."""
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        return state["teacher"]
+
     def save(self, directory: str, memory, trainer_state: dict) -> None:
         """Write models, optimiser, the memory bank and `trainer_state` into `directory`
         (collective in subclasses). The memory is saved whole, so any world size can load it."""

@@ -1,0 +1,42 @@
+"""Write scikit-learn's handwritten digits (1797 real 8x8 images) as train/val image folders.
+
+Split of docs/anchors: numpy RandomState(0).permutation(1797), first 1297 train, last 500 val.
+    python -m data_tools.digits --out data/digits     # -> data/digits/{train,val}/<label>/<index>.png
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+from PIL import Image
+
+N_TRAIN = 1297
+
+
+def write_digits(out: str) -> dict:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.RandomState(0).permutation(len(digits.images))
+    counts = {}
+    for split, idx in (("train", order[:N_TRAIN]), ("val", order[N_TRAIN:])):
+        for i in idx:
+            folder = os.path.join(out, split, str(digits.target[i]))
+            os.makedirs(folder, exist_ok=True)
+            pixels = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+            Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
+        counts[split] = len(idx)
+    return counts
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/digits", help="output root (default: data/digits)")
+    args = p.parse_args(argv)
+    counts = write_digits(args.out)
+    print(f"wrote {counts['train']} train and {counts['val']} val digits under {args.out}")
+
+
+if __name__ == "__main__":
+    main()
