@@ -4,7 +4,8 @@ on the device, and `close()`."""
 from __future__ import annotations
 
 from ..config import Config
-from .folder import Batch, ImageFolderSource
+from .batch import Batch
+from .folder import ImageFolderSource
 
 
 def build_data(cfg: Config, rank: int, world: int, device_type: str = "cpu"):

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator
 
 import torch
 from PIL import Image
 
+from .batch import Batch, DevicePrepare, collate
 from .multicrop import MultiCropAugmentation, sample_rng
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
@@ -34,16 +35,6 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, classes
 
 
-class Batch(NamedTuple):
-    crops: list  # V tensors [B, 3, H, W]
-    skipped: int  # unreadable images replaced in this batch
-
-
-def collate_crops(samples) -> Batch:
-    crops = [torch.stack([s[0][v] for s in samples]) for v in range(len(samples[0][0]))]
-    return Batch(crops, sum(s[1] for s in samples))
-
-
 class MultiCropFolder(torch.utils.data.Dataset):
     """Indexed by (epoch, index). An unreadable image is replaced by the next readable one and counted."""
 
@@ -61,9 +52,8 @@ class MultiCropFolder(torch.utils.data.Dataset):
         for skipped in range(self.MAX_REPLACEMENTS):
             i = (index + skipped) % len(self.paths)
             try:
-                with Image.open(self.paths[i]) as img:
-                    img.load()
-                    return self.transform(img, sample_rng(self.seed, epoch, i)), skipped
+                with Image.open(self.paths[i]) as img:  # decoded by the transform (JPEG draft mode)
+                    return self.transform(img, sample_rng(self.seed, epoch, i)), skipped, i
             except (OSError, ValueError, Image.DecompressionBombError):
                 continue
         raise RuntimeError(f"{self.MAX_REPLACEMENTS} consecutive unreadable images from {self.paths[index]!r}")
@@ -103,13 +93,14 @@ class ImageFolderSource:
 
     def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False):
         self.dataset = MultiCropFolder(d.path, MultiCropAugmentation(d), seed)
+        self.prepare = DevicePrepare(d)
         self.sampler = EpochSampler(len(self.dataset), d.batch_size, rank, world, seed)
         if self.sampler.iters_per_epoch == 0:
             raise ValueError(f"data.path {d.path!r} has {len(self.dataset)} images, fewer than one global batch "
                              f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,
-            collate_fn=collate_crops, pin_memory=pin_memory, drop_last=True,
+            collate_fn=collate, pin_memory=pin_memory, drop_last=True,
             persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
             generator=torch.Generator(),  # its own, so starting an epoch never draws from the global RNG
         )
@@ -121,9 +112,6 @@ class ImageFolderSource:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch, start_batch)
         return iter(self.loader)
-
-    def prepare(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
-        return [c.to(device, non_blocking=True) for c in batch.crops]
 
     def close(self) -> None:
         self.loader = None

@@ -1,20 +1,37 @@
 """Multi-crop augmentation of method.md ("Augmentations"), driven by an explicit per-sample RNG.
 
 Each sample's randomness comes from random.Random(f"{seed}-{epoch}-{index}"), so a sample gets
-the same crops whatever the rank, worker count or resume point.
+the same crops whatever the rank, worker count or resume point. All random draws of one crop
+(its box, then its photometric parameters) are made up front (`draw_crop`), which lets the
+decoder pick a reduced JPEG scale (draft mode) that still serves every crop, and lets
+`data.gpu_augment` ship the photometric parameters to the device instead of applying them here.
+
+Crops leave the worker as uint8 [3, H, W] tensors; normalisation happens batched in
+`prepare()` (massl/data/batch.py). The ops follow torchvision's PIL functions that the published
+recipe uses, in the same order and with the same parameter distributions (docs/data.md lists the
+rounding-level differences).
 """
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter, ImageOps
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
-from ..config import DataConfig
+from ..config import AugConfig, DataConfig
 
-INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # torchvision ColorJitter's op ids 0..3
+# One row of photometric parameters per crop, the device-side contract of gpu_augment.py.
+PARAM_NAMES = ("flip", "jitter", "brightness", "contrast", "saturation", "hue",
+               "order0", "order1", "order2", "order3", "gray", "blur_sigma", "solarize")
+NUM_PARAMS = len(PARAM_NAMES)
+DRAFT_FACTORS = (8, 4, 2)  # JPEG DCT scalings PIL's draft mode offers (1/8, 1/4, 1/2)
+SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)] * 3  # PIL ImageOps.solarize(threshold=128)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -42,54 +59,177 @@ def random_resized_crop_box(rng: random.Random, width: int, height: int, scale, 
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-class MultiCropAugmentation:
-    """PIL image -> [2 global crops, L local crops] as normalised float tensors."""
+@dataclass(frozen=True)
+class ViewSpec:
+    size: int
+    scale: tuple
+    blur_prob: float
+    solarize_prob: float
 
-    def __init__(self, d: DataConfig):
+
+@dataclass
+class CropParams:
+    """Every random choice of one crop. Boxes are in full-resolution pixels of the source image."""
+
+    box: tuple  # left, top, width, height
+    angle: float = 0.0  # rotation of the source before cropping (data.aug.rotation_degrees)
+    flip: bool = False
+    jitter: Optional[tuple] = None  # (order: 4 op ids, brightness, contrast, saturation, hue) when applied
+    gray: bool = False
+    blur_sigma: float = 0.0  # 0: no blur
+    solarize: bool = False
+
+    def as_row(self) -> list:
+        order, b, c, s, h = self.jitter or ((0, 1, 2, 3), 1.0, 1.0, 1.0, 0.0)
+        return [float(self.flip), float(self.jitter is not None), b, c, s, h, *map(float, order),
+                float(self.gray), self.blur_sigma, float(self.solarize)]
+
+
+def draw_crop(rng: random.Random, a: AugConfig, width: int, height: int, view: ViewSpec) -> CropParams:
+    """Draw one crop's parameters with the distributions of method.md / torchvision's transforms."""
+    angle = rng.uniform(-a.rotation_degrees, a.rotation_degrees) if a.rotation_degrees > 0 else 0.0
+    p = CropParams(box=random_resized_crop_box(rng, width, height, view.scale), angle=angle)
+    p.flip = rng.random() < a.flip_prob
+    if rng.random() < a.color_jitter_prob:
+        factors = (rng.uniform(max(0.0, 1 - a.brightness), 1 + a.brightness),
+                   rng.uniform(max(0.0, 1 - a.contrast), 1 + a.contrast),
+                   rng.uniform(max(0.0, 1 - a.saturation), 1 + a.saturation),
+                   rng.uniform(-a.hue, a.hue))
+        order = [0, 1, 2, 3]
+        rng.shuffle(order)  # torchvision's ColorJitter applies its four ops in random order
+        p.jitter = (tuple(order), *factors)
+    p.gray = rng.random() < a.grayscale_prob
+    if rng.random() < view.blur_prob:
+        p.blur_sigma = rng.uniform(0.1, 2.0)
+    p.solarize = rng.random() < view.solarize_prob
+    return p
+
+
+def draft_factor(crops: list[CropParams], sizes: list[int]) -> int:
+    """Largest JPEG downscale after which every crop box still spans at least its output size,
+    so a reduced decode never makes a crop upsample where the full decode would not."""
+    smallest = min(min(p.box[2], p.box[3]) / s for p, s in zip(crops, sizes))
+    return next((f for f in DRAFT_FACTORS if smallest >= f), 1)
+
+
+def affine_matrix(scale: float, offset: float) -> tuple:
+    """RGB convert() matrix of clip(round(scale * x + offset)) on every channel (C speed, no LUT build)."""
+    return (scale, 0.0, 0.0, offset, 0.0, scale, 0.0, offset, 0.0, 0.0, scale, offset)
+
+
+def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
+    # PIL's ImageEnhance.Contrast (used by torchvision): blend with the rounded mean of the L image.
+    hist = np.asarray(img.convert("L").histogram(), dtype=np.float64)
+    mean = int(hist @ np.arange(256) / hist.sum() + 0.5)
+    return img.convert("RGB", affine_matrix(factor, (1 - factor) * mean))
+
+
+def saturation_matrix(factor: float) -> tuple:
+    """RGB matrix of blend(grayscale(img), img, factor), as PIL's ImageEnhance.Color (ITU-R 601 luma)."""
+    w = (0.299, 0.587, 0.114)
+    rows = [[(1 - factor) * w[j] + (factor if i == j else 0.0) for j in range(3)] + [0.0] for i in range(3)]
+    return tuple(x for row in rows for x in row)
+
+
+def adjust_hue(img: Image.Image, hue: float) -> Image.Image:
+    # torchvision's PIL adjust_hue: shift PIL's 8-bit HSV hue with wrap-around.
+    h, s, v = img.convert("HSV").split()
+    h = h.point(((np.arange(256) + int(hue * 255)) % 256).tolist())
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def color_jitter(img: Image.Image, jitter: tuple) -> Image.Image:
+    order, brightness, contrast, saturation, hue = jitter
+    for op in order:
+        if op == 0:
+            img = img.convert("RGB", affine_matrix(brightness, 0.0))
+        elif op == 1:
+            img = adjust_contrast(img, contrast)
+        elif op == 2:
+            img = img.convert("RGB", saturation_matrix(saturation))
+        else:
+            img = adjust_hue(img, hue)
+    return img
+
+
+def photometric(img: Image.Image, p: CropParams) -> Image.Image:
+    """Flip, colour jitter, grayscale, blur, solarise: the order of the published recipe."""
+    if p.flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if p.jitter is not None:
+        img = color_jitter(img, p.jitter)
+    if p.gray:
+        img = img.convert("L").convert("RGB")
+    if p.blur_sigma > 0:
+        img = img.filter(ImageFilter.GaussianBlur(radius=p.blur_sigma))
+    if p.solarize:
+        img = img.point(SOLARIZE_LUT)
+    return img
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W] (a channels-last view of one copy of the pixels)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def resized_crop(src: torch.Tensor, box: tuple, size: int, mode: str) -> torch.Tensor:
+    """Crop box (left, top, right, bottom) of a uint8 [3, H, W] image, resize to size x size.
+
+    torch's antialiased uint8 resampling reproduces PIL's resize (same filters, within a
+    level or so) at about 5x its speed on one core."""
+    left, top, right, bottom = (int(round(v)) for v in box)
+    crop = src[:, top:max(bottom, top + 1), left:max(right, left + 1)].unsqueeze(0)
+    return F.interpolate(crop, size=(size, size), mode=mode, antialias=True)[0]
+
+
+class MultiCropAugmentation:
+    """PIL image (opened, not necessarily decoded) -> V uint8 crops [3, H, W] and, with
+    `photometric_on_device`, the V x NUM_PARAMS parameter rows that gpu_augment.py applies."""
+
+    def __init__(self, d: DataConfig, photometric_on_device: Optional[bool] = None):
         self.d, self.a = d, d.aug
-        self.interp = INTERP[self.a.interpolation]
-        self.mean, self.std = list(self.a.mean), list(self.a.std)
+        self.on_device = d.gpu_augment if photometric_on_device is None else photometric_on_device
+        self.mode = self.a.interpolation  # bicubic | bilinear (torch modes; antialiased like PIL)
+        a = self.a
+        glob = (d.global_crop_size, tuple(d.global_crops_scale))
+        self.views = [ViewSpec(*glob, a.blur_prob_global1, 0.0), ViewSpec(*glob, a.blur_prob_global2, a.solarize_prob_global2)]
+        self.views += [ViewSpec(d.local_crop_size, tuple(d.local_crops_scale), a.blur_prob_local, 0.0)] * d.local_crops_number
 
     @property
     def num_views(self) -> int:
-        return 2 + self.d.local_crops_number
+        return len(self.views)
 
-    def crop(self, rng, img: Image.Image, size: int, scale) -> Image.Image:
-        if self.a.rotation_degrees > 0:
-            img = img.rotate(rng.uniform(-self.a.rotation_degrees, self.a.rotation_degrees), resample=Image.BILINEAR)
-        left, top, w, h = random_resized_crop_box(rng, img.width, img.height, scale)
-        return img.resize((size, size), self.interp, box=(left, top, left + w, top + h))
+    def draw(self, rng: random.Random, width: int, height: int) -> list[CropParams]:
+        return [draw_crop(rng, self.a, width, height, v) for v in self.views]
 
-    def photometric(self, rng, img: Image.Image, blur_prob: float, solarize_prob: float) -> torch.Tensor:
-        a = self.a
-        if rng.random() < a.flip_prob:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if rng.random() < a.color_jitter_prob:
-            ops = [
-                (TF.adjust_brightness, rng.uniform(max(0.0, 1 - a.brightness), 1 + a.brightness)),
-                (TF.adjust_contrast, rng.uniform(max(0.0, 1 - a.contrast), 1 + a.contrast)),
-                (TF.adjust_saturation, rng.uniform(max(0.0, 1 - a.saturation), 1 + a.saturation)),
-                (TF.adjust_hue, rng.uniform(-a.hue, a.hue)),
-            ]
-            rng.shuffle(ops)  # torchvision's ColorJitter applies its four ops in random order
-            for fn, factor in ops:
-                img = fn(img, factor)
-        if rng.random() < a.grayscale_prob:
-            img = ImageOps.grayscale(img).convert("RGB")
-        if rng.random() < blur_prob:
-            img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
-        if rng.random() < solarize_prob:
-            img = ImageOps.solarize(img, threshold=128)
-        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+    def decode(self, img: Image.Image, crops: list[CropParams]) -> Image.Image:
+        """Decode as RGB, at the smallest JPEG scale that still serves every crop (draft mode)."""
+        if img.format == "JPEG":
+            f = draft_factor(crops, [v.size for v in self.views])
+            if f > 1:
+                img.draft("RGB", (-(-img.width // f), -(-img.height // f)))
+        return img.convert("RGB")
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> list[torch.Tensor]:
-        d, a = self.d, self.a
-        img = img.convert("RGB")
-        g1 = self.crop(rng, img, d.global_crop_size, d.global_crops_scale)
-        g2 = self.crop(rng, img, d.global_crop_size, d.global_crops_scale)
-        crops = [self.photometric(rng, g1, a.blur_prob_global1, 0.0),
-                 self.photometric(rng, g2, a.blur_prob_global2, a.solarize_prob_global2)]
-        for _ in range(d.local_crops_number):
-            c = self.crop(rng, img, d.local_crop_size, d.local_crops_scale)
-            crops.append(self.photometric(rng, c, a.blur_prob_local, 0.0))
-        return crops
+    def crop(self, img: Image.Image, pixels: torch.Tensor, p: CropParams, size: int, sx: float, sy: float):
+        if p.angle:
+            pixels = to_uint8_tensor(img.rotate(p.angle, resample=Image.BILINEAR))
+        left, top, w, h = p.box
+        return resized_crop(pixels, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), size, self.mode)
+
+    def __call__(self, img: Image.Image, rng: random.Random):
+        """-> (V uint8 tensors, [V, NUM_PARAMS] float tensor or None)."""
+        width, height = img.size
+        crops = self.draw(rng, width, height)
+        decoded = self.decode(img, crops)
+        sx, sy = decoded.width / width, decoded.height / height
+        pixels = to_uint8_tensor(decoded)
+        out = []
+        for p, v in zip(crops, self.views):
+            c = self.crop(decoded, pixels, p, v.size, sx, sy)
+            out.append(c if self.on_device else to_uint8_tensor(photometric(to_pil(c), p)))
+        params = torch.tensor([p.as_row() for p in crops], dtype=torch.float32) if self.on_device else None
+        return out, params
