@@ -107,6 +107,7 @@ class DataConfig:
     source: str = "imagefolder"  # imagefolder | webdataset
     path: str = ""  # imagefolder root (class sub-folders or flat)
     urls: str = ""  # webdataset shards: brace pattern, local paths or pipe: commands
+    manifest: str = ""  # webdataset: manifest.json with per-shard counts ("": the one beside the local shards)
     samples_per_epoch: int = 0  # webdataset: 0 reads the count from the shards' manifest.json
     shuffle_buffer: int = 5000  # webdataset sample shuffle buffer
     batch_size: int = 32  # per rank
@@ -339,6 +340,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _require(os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
     else:
         _require(bool(d.urls), "data.urls", "is required when data.source is webdataset (e.g. shards/train-{000000..000099}.tar)")
+        _require(not d.manifest or os.path.isfile(d.manifest), "data.manifest",
+                 f"file {d.manifest!r} does not exist (massl-shard writes manifest.json beside the shards)")
 
     if r.resume not in ("auto", "never"):
         _require(os.path.isdir(r.resume), "run.resume", f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")

@@ -1,6 +1,6 @@
 """Input pipelines. A DataSource has `iters_per_epoch` (equal on every rank), `epoch(epoch,
-start_batch)` yielding Batches for this rank, `prepare(batch, device)` -> list of V crop tensors
-on the device, and `close()`."""
+start_batch)` yielding Batches for this rank, `prepare(batch, device)` -> list of V normalised
+float crop tensors on the device, and `close()`."""
 from __future__ import annotations
 
 from ..config import Config
@@ -10,9 +10,15 @@ from .folder import ImageFolderSource
 
 def build_data(cfg: Config, rank: int, world: int, device_type: str = "cpu"):
     d = cfg.data
+    pin = device_type == "cuda"
     if d.source == "imagefolder":
-        return ImageFolderSource(d, cfg.run.seed, rank, world, pin_memory=device_type == "cuda")
-    raise NotImplementedError(f"data.source={d.source!r} is not available yet")
+        return ImageFolderSource(d, cfg.run.seed, rank, world, pin_memory=pin)
+    if d.source == "webdataset":
+        from .webdataset import WebDatasetSource, require_webdataset  # webdataset is an optional dependency
+
+        require_webdataset()
+        return WebDatasetSource(d, cfg.run.seed, rank, world, pin_memory=pin)
+    raise ValueError(f"data.source: unknown source {d.source!r}")
 
 
 __all__ = ["Batch", "build_data"]

@@ -1,0 +1,210 @@
+"""data.source=webdataset: tar shards streamed per rank and DataLoader worker (docs/data.md).
+
+Shards come from data.urls: a folder holding a manifest, or '::'-separated brace patterns of
+local paths and `pipe:` commands (e.g. `pipe:aws s3 cp s3://b/train-{000000..000099}.tar -`).
+Per-shard sample counts come from the manifest massl-shard writes (data.manifest, by default
+manifest.json beside the shards). epoch_plan.py decides who reads what; this module reads,
+shuffles, decodes and augments.
+
+A sample that cannot be used (a bad image, a shard cut short, a failing pipe) is replaced by
+the next usable sample of its shuffle block, counted in Batch.skipped and reported once on
+stderr, so every rank still yields exactly iters_per_epoch batches.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import sys
+from typing import Iterator, Optional
+
+import torch
+from PIL import Image
+
+from .batch import Batch, DevicePrepare, collate
+from .epoch_plan import block_permutation, epoch_pieces, resume_point, worker_span
+from .multicrop import MultiCropAugmentation, sample_rng
+from .shards import MANIFEST_NAME, SHARD_ERRORS, image_extension, iter_samples, open_tar, read_manifest
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def require_webdataset():
+    try:
+        import webdataset
+    except ImportError as e:
+        raise ImportError("data.source=webdataset needs the webdataset package: "
+                          "pip install 'massl[webdataset]' (webdataset==1.0.2)") from e
+    return webdataset
+
+
+def warn(message: str) -> None:
+    print(f"massl data: {message}", file=sys.stderr, flush=True)
+
+
+def expand_urls(urls: str) -> list[str]:
+    """A folder -> the shards its manifest lists; otherwise '::'-separated brace patterns."""
+    if os.path.isdir(urls):
+        manifest = read_manifest(os.path.join(urls, MANIFEST_NAME))
+        return [os.path.join(urls, s["name"]) for s in manifest["shards"]]
+    return list(require_webdataset().shardlists.expand_urls(urls))
+
+
+def is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def shard_name(url: str) -> str:
+    """The file name a URL refers to: the basename of a path, or of the last '.tar' word of a pipe: command."""
+    if url.startswith("pipe:"):
+        words = [w.strip("'\"") for w in url[5:].split() if ".tar" in w]
+        url = words[-1] if words else url
+    return os.path.basename(url.split("?", 1)[0].rstrip("/"))
+
+
+def find_manifest(urls_setting: str, manifest_setting: str, urls: list[str]) -> str:
+    if manifest_setting:
+        return manifest_setting
+    if os.path.isdir(urls_setting):
+        return os.path.join(urls_setting, MANIFEST_NAME)
+    if urls and is_local(urls[0]):
+        return os.path.join(os.path.dirname(os.path.abspath(urls[0])), MANIFEST_NAME)
+    raise ValueError("data.manifest: shards behind pipe: or remote URLs need a local copy of their manifest.json; "
+                     "set data.manifest to its path")
+
+
+def shard_counts(urls: list[str], manifest: dict, manifest_path: str) -> list[int]:
+    by_name = {s["name"]: int(s["samples"]) for s in manifest["shards"]}
+    missing = [u for u in urls if shard_name(u) not in by_name]
+    if missing:
+        raise ValueError(f"data.urls: {len(missing)} shard(s) are not in {manifest_path}, e.g. {missing[0]!r}; "
+                         f"point data.manifest at the manifest that lists them (massl-shard index writes one)")
+    return [by_name[shard_name(u)] for u in urls]
+
+
+def read_slots(urls: list[str], pieces) -> Iterator[Optional[tuple[str, dict]]]:
+    """The samples of `pieces` in order; None for each sample a damaged shard did not deliver."""
+    gopen = require_webdataset().gopen
+    for piece in pieces:
+        url, wanted = urls[piece.shard], piece.stop - piece.start
+        got, error, stream = 0, None, None
+        try:
+            stream = gopen(url, "rb")
+            for sample in iter_samples(open_tar(stream), skip=piece.start):
+                yield sample
+                got += 1
+                if got == wanted:
+                    break
+        except SHARD_ERRORS as e:
+            error = e
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except SHARD_ERRORS as e:  # a pipe: command we stopped reading early may exit non-zero
+                    error = error or (e if got < wanted else None)
+        if got < wanted:
+            reason = f"{type(error).__name__}: {error}" if error else "it holds fewer samples than its manifest says"
+            warn(f"shard {url}: {wanted - got} sample(s) missing from sample {piece.start + got} on ({reason})")
+            yield from itertools.repeat(None, wanted - got)
+
+
+class _Epoch(torch.utils.data.IterableDataset):
+    """One epoch of one rank; each DataLoader worker serves the batches resume_point assigns it."""
+
+    def __init__(self, source: "WebDatasetSource", epoch: int, start_batch: int):
+        self.source, self.epoch, self.start_batch = source, epoch, start_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, first = resume_point(self.start_batch, info.id if info else 0, self.source.workers)
+        return self.source.worker_batches(self.epoch, worker, first)
+
+
+def _identity(batch):
+    return batch
+
+
+class WebDatasetSource:
+    """DataSource over tar shards: `epoch(e, start)` yields this rank's Batches, `prepare` moves them."""
+
+    def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False):
+        self.urls = expand_urls(d.urls)
+        if not self.urls:
+            raise ValueError(f"data.urls: {d.urls!r} names no shards")
+        manifest_path = find_manifest(d.urls, d.manifest, self.urls)
+        if not os.path.isfile(manifest_path):
+            raise ValueError(f"data.manifest: {manifest_path} does not exist; write the shards with massl-shard, "
+                             f"or a manifest for existing shards with `massl-shard index`")
+        self.counts = shard_counts(self.urls, read_manifest(manifest_path), manifest_path)
+        total = d.samples_per_epoch or sum(self.counts)
+        if sum(self.counts) == 0:
+            raise ValueError(f"data.urls: the {len(self.urls)} shard(s) hold no samples")
+        self.iters = total // (world * d.batch_size)
+        if self.iters == 0:
+            raise ValueError(f"data.samples_per_epoch: {total} samples per epoch are fewer than one global batch "
+                             f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
+        self.d, self.seed, self.rank, self.world = d, seed, rank, world
+        self.batch, self.workers, self.buffer = d.batch_size, max(1, d.num_workers), max(1, d.shuffle_buffer)
+        self.aug = MultiCropAugmentation(d)
+        self.prepare = DevicePrepare(d)
+        self.pin_memory = pin_memory
+        self._loader_iter = None
+        if rank == 0 and len(self.urls) < world * self.workers:
+            warn(f"{len(self.urls)} shard(s) for {world} rank(s) x {self.workers} worker(s): readers share shards, "
+                 f"each reading only its own samples (more shards spread the I/O better)")
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.iters
+
+    def sample(self, block: list, perm: list[int], i: int, epoch: int, position: int, warned: set):
+        """Decode and augment block[perm[i]], or the next usable sample of the block after it."""
+        for tries in range(len(block)):
+            item = block[perm[(i + tries) % len(block)]]
+            if item is None:
+                continue
+            key, files = item
+            ext = image_extension(files)
+            try:
+                if ext is None:
+                    raise ValueError(f"no image among {sorted(files)}")
+                with Image.open(io.BytesIO(files[ext])) as img:
+                    return self.aug(img, sample_rng(self.seed, epoch, position)), tries, key
+            except DECODE_ERRORS as e:
+                if key not in warned:
+                    warned.add(key)
+                    warn(f"skipping sample {key!r}: {type(e).__name__}: {e}")
+        raise RuntimeError(f"no usable sample in a shuffle block of {len(block)} (epoch {epoch}, rank {self.rank}); "
+                           f"check the shards with `massl-shard verify`")
+
+    def worker_batches(self, epoch: int, worker: int, first_batch: int) -> Iterator[Batch]:
+        """Batches first_batch.. of logical `worker` (its share of this rank's batches, in order)."""
+        lo, hi = worker_span(self.rank, worker, self.iters, self.workers, self.batch)
+        first, size = first_batch * self.batch, self.buffer
+        if lo + first >= hi:
+            return
+        k0 = first // size
+        slots = read_slots(self.urls, epoch_pieces(self.counts, self.seed, epoch, lo + k0 * size, hi))
+        pending, warned = [], set()
+        for k in range(k0, -(-(hi - lo) // size)):
+            block = list(itertools.islice(slots, min(size, hi - lo - k * size)))
+            perm = block_permutation(len(block), self.seed, epoch, self.rank, worker, k)
+            for i in range(max(0, first - k * size), len(block)):
+                pending.append(self.sample(block, perm, i, epoch, lo + k * size + i, warned))
+                if len(pending) == self.batch:
+                    yield collate(pending)
+                    pending = []
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        dataset = _Epoch(self, epoch, start_batch)
+        if self.d.num_workers == 0:
+            return iter(dataset)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, collate_fn=_identity, num_workers=self.d.num_workers,
+            pin_memory=self.pin_memory, prefetch_factor=2, persistent_workers=False)
+        self._loader_iter = iter(loader)
+        return self._loader_iter
+
+    def close(self) -> None:
+        self._loader_iter = None
