@@ -249,10 +249,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(data: dict, check_paths: bool = True) -> Config:
+    """A Config from a plain dict (e.g. the copy saved in a checkpoint's manifest)."""
     cfg = Config()
     _merge(cfg, data)
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -271,11 +272,12 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = True) -> None:
     """Reject bad values and combinations with a message that names the key.
 
     Checks that need the world size (global batch vs memory ring, memory shards) run when
-    `world_size` is given, i.e. at launch before anything is built.
+    `world_size` is given, i.e. at launch before anything is built. `check_paths=False` skips
+    the existence of data and resume paths (reading a finished run's config elsewhere).
     """
     for key, choices in CHOICES.items():
         _require(_get(cfg, key) in choices, key, f"must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
@@ -336,16 +338,16 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     if d.source == "imagefolder":
         _require(bool(d.path), "data.path", "is required when data.source is imagefolder")
-        _require(os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
+        _require(not check_paths or os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
     else:
         _require(bool(d.urls), "data.urls", "is required when data.source is webdataset (e.g. shards/train-{000000..000099}.tar)")
 
-    if r.resume not in ("auto", "never"):
+    if check_paths and r.resume not in ("auto", "never"):
         _require(os.path.isdir(r.resume), "run.resume", f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
     if e.name != "deepspeed":
         _require(not e.deepspeed_config, "engine.deepspeed_config", "is only used with engine.name=deepspeed")
     _require(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
-    if e.deepspeed_config:
+    if check_paths and e.deepspeed_config:
         _require(os.path.isfile(e.deepspeed_config), "engine.deepspeed_config",
                  f"file {e.deepspeed_config!r} does not exist")
 

@@ -49,6 +49,9 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     validate(cfg, env.world_size)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    if env.device.type == "cpu":
+        # Denormal floats (tiny probabilities, gradients) made CPU steps 3x slower as training went on.
+        torch.set_flush_denormal(True)
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     if env.is_main:
         with open(os.path.join(cfg.run.output_dir, "config.yaml"), "w") as f:
@@ -89,7 +92,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         check_finite()
         trainer_state = {"step": step, "rng": _rng_state(env.device)}
         ckpt.save(step, lambda d: engine.save(d, memory, trainer_state),
-                  meta={"format": engine.checkpoint_format, "engine": engine.name, "world_size": env.world_size, "epoch": step // ipe})
+                  meta={"format": engine.checkpoint_format, "engine": engine.name, "world_size": env.world_size,
+                        "epoch": step // ipe, "config": cfg.to_dict()})
 
     bad_step = torch.full((), -1, dtype=torch.long, device=env.device)  # first non-finite step, no sync
 
