@@ -122,12 +122,10 @@ class DataConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "single"  # single | ddp | fsdp | deepspeed
+    name: str = "single"  # single | ddp | fsdp
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # every_k: checkpoint every k-th block
     compile: bool = False  # torch.compile each transformer block
-    zero_stage: int = 2  # deepspeed only
-    deepspeed_config: str = ""  # deepspeed only: optional JSON merged over massl's settings
 
 
 @dataclass
@@ -156,7 +154,7 @@ CHOICES = {
     "optim.clip_mode": ("per_param", "global"),
     "data.source": ("imagefolder", "webdataset"),
     "data.aug.interpolation": ("bicubic", "bilinear"),
-    "engine.name": ("single", "ddp", "fsdp", "deepspeed"),
+    "engine.name": ("single", "ddp", "fsdp"),
     "engine.activation_checkpointing": ("none", "full", "every_k"),
 }
 
@@ -282,7 +280,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
     for key, choices in CHOICES.items():
         _require(_get(cfg, key) in choices, key, f"must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
 
-    r, m, mem, o, d, a, e = cfg.run, cfg.model, cfg.memory, cfg.optim, cfg.data, cfg.data.aug, cfg.engine
+    r, m, mem, o, d, a = cfg.run, cfg.model, cfg.memory, cfg.optim, cfg.data, cfg.data.aug
     for key in ("run.log_every", "run.checkpoint_every", "run.keep_last", "model.patch_size",
                 "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_layers",
                 "memory.size", "memory.partition_size", "optim.epochs", "data.batch_size",
@@ -344,12 +342,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
 
     if check_paths and r.resume not in ("auto", "never"):
         _require(os.path.isdir(r.resume), "run.resume", f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
-    if e.name != "deepspeed":
-        _require(not e.deepspeed_config, "engine.deepspeed_config", "is only used with engine.name=deepspeed")
-    _require(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
-    if check_paths and e.deepspeed_config:
-        _require(os.path.isfile(e.deepspeed_config), "engine.deepspeed_config",
-                 f"file {e.deepspeed_config!r} does not exist")
 
     if world_size is not None:
         g = world_size * d.batch_size
@@ -360,5 +352,5 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
             _require(mem.size % world_size == 0, "memory.size",
                      f"({mem.size}) must be divisible by the world size ({world_size}) to shard the memory")
         if world_size > 1:
-            _require(e.name != "single", "engine.name",
-                     f"is single but {world_size} processes were launched; use ddp, fsdp or deepspeed")
+            _require(cfg.engine.name != "single", "engine.name",
+                     f"is single but {world_size} processes were launched; use ddp or fsdp")

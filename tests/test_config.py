@@ -88,3 +88,22 @@ def test_cli_print_config_and_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "massl.cli", f"data.path={tmp_path}", "optim.lr=-2"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "optim.lr" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_key_is_documented():
+    import dataclasses
+
+    from massl.config import Config
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")).read()
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+
+    missing = [k for k in keys(Config()) if f"`{k}`" not in doc and f"`{k.rsplit('.', 1)[1]}`" not in doc]
+    assert not missing, f"undocumented config keys: {missing}"
