@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
@@ -196,7 +197,7 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+def _merge(obj: Any, data: dict, prefix: str = "", strict: bool = True) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = get_type_hints(type(obj))
@@ -204,10 +205,13 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
     for k, v in data.items():
         key = prefix + str(k)
         if k not in names:
+            if not strict:
+                warnings.warn(f"ignoring config key {key!r} unknown to this version of massl")
+                continue
             raise ConfigError(f"{key}: unknown key; valid keys here are {', '.join(sorted(names))}")
         current = getattr(obj, k)
         if dataclasses.is_dataclass(current):
-            _merge(current, v, key + ".")
+            _merge(current, v, key + ".", strict)
         else:
             setattr(obj, k, _convert(key, v, hints[k]))
 
@@ -247,10 +251,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
-def config_from_dict(data: dict, check_paths: bool = True) -> Config:
-    """A Config from a plain dict (e.g. the copy saved in a checkpoint's manifest)."""
+def config_from_dict(data: dict, check_paths: bool = True, strict: bool = True) -> Config:
+    """A Config from a plain dict (e.g. the copy saved in a checkpoint's manifest). With
+    strict=False, keys this version does not know (a run from another version) are ignored."""
     cfg = Config()
-    _merge(cfg, data)
+    _merge(cfg, data, strict=strict)
     validate(cfg, check_paths=check_paths)
     return cfg
 

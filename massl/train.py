@@ -16,6 +16,9 @@ from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_
 from .memory import MemoryBank
 from .models import build_student_teacher
 from .schedules import Schedules
+from .signals import StopOnSignal
+
+STOP_POLL_STEPS = 10  # steps between checks for a stop signal (each is a tiny all-reduce)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,6 +111,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     skipped = torch.zeros((), device=env.device)
     summary = {"step": step}
     last_saved = step if resume_from else -1
+    stop_signal = StopOnSignal(env.device, env.group).install()
     try:
         while step < stop:
             epoch, start = divmod(step, ipe)
@@ -154,6 +158,10 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                     logger.log(step, epoch, metrics, global_batch)
                     summary = {"step": step, **metrics}
                     loss_sum.zero_()
+                if (log_now or step % STOP_POLL_STEPS == 0) and step < stop and stop_signal.agreed():
+                    logger.message(f"massl: stop signal received; checkpointing at step {step} and exiting")
+                    stop = step
+                    summary["stopped_by_signal"] = True
                 if step % cfg.run.checkpoint_every == 0 or step == stop:
                     save_checkpoint()
                     last_saved = step
@@ -162,8 +170,10 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         if last_saved != step:
             save_checkpoint()
     finally:
+        stop_signal.uninstall()
         logger.close()
         data.close()
+    summary["final_step"] = step
     if env.is_main:
         with open(os.path.join(cfg.run.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -86,3 +86,31 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
     assert [s for s, _ in ckpts.step_dirs()] == [2]
     state = torch.load(os.path.join(ckpts.latest_complete(), "state.pt"), weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+def test_sigterm_checkpoints_and_exits(digits_dir, tmp_path):
+    """A preempted job (SIGTERM from Slurm or kill) saves a checkpoint at the step all ranks agree
+    on, off the checkpoint_every grid, and exits 0 (resuming from it is what the tests above check)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import tiny_overrides
+
+    out = str(tmp_path / "sig")
+    args = [sys.executable, "-m", "massl.cli"] + tiny_overrides(os.path.join(digits_dir, "train"), out) + [
+        "run.max_steps=400", "run.checkpoint_every=1000", "optim.epochs=50"]
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not os.path.exists(metrics) or len(open(metrics).readlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout
+    assert "stop signal received" in stdout
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["stopped_by_signal"] and 3 <= summary["final_step"] < 400
+    saved = CheckpointManager(out, 3).latest_complete()
+    assert saved.endswith(f"step_{summary['final_step']:09d}")

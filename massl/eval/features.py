@@ -30,7 +30,7 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def checkpoint_config(ckpt_dir: str) -> Config:
-    return config_from_dict(read_manifest(ckpt_dir)["config"], check_paths=False)
+    return config_from_dict(read_manifest(ckpt_dir)["config"], check_paths=False, strict=False)
 
 
 def teacher_backbone_state(ckpt_dir: str) -> dict:
