@@ -1,0 +1,129 @@
+"""Image-folder input: class sub-folders (labels) or a flat folder, read with random access."""
+from __future__ import annotations
+
+import os
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+from PIL import Image
+
+from .multicrop import MultiCropAugmentation, sample_rng
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, class names). Sub-folders are classes; files directly in `root` get label -1."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    paths, labels = [], []
+    for f in sorted(os.listdir(root)):
+        if f.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(os.path.join(root, f)):
+            paths.append(os.path.join(root, f))
+            labels.append(-1)
+    for ci, c in enumerate(classes):
+        for dirpath, dirnames, files in os.walk(os.path.join(root, c)):
+            dirnames.sort()
+            for f in sorted(files):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(ci)
+    if not paths:
+        raise ValueError(f"image folder {root!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return paths, labels, classes
+
+
+class Batch(NamedTuple):
+    crops: list  # V tensors [B, 3, H, W]
+    skipped: int  # unreadable images replaced in this batch
+
+
+def collate_crops(samples) -> Batch:
+    crops = [torch.stack([s[0][v] for s in samples]) for v in range(len(samples[0][0]))]
+    return Batch(crops, sum(s[1] for s in samples))
+
+
+class MultiCropFolder(torch.utils.data.Dataset):
+    """Indexed by (epoch, index). An unreadable image is replaced by the next readable one and counted."""
+
+    MAX_REPLACEMENTS = 16
+
+    def __init__(self, root: str, transform: MultiCropAugmentation, seed: int):
+        self.paths, self.labels, self.classes = scan_image_folder(root)
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        for skipped in range(self.MAX_REPLACEMENTS):
+            i = (index + skipped) % len(self.paths)
+            try:
+                with Image.open(self.paths[i]) as img:
+                    img.load()
+                    return self.transform(img, sample_rng(self.seed, epoch, i)), skipped
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue
+        raise RuntimeError(f"{self.MAX_REPLACEMENTS} consecutive unreadable images from {self.paths[index]!r}")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) for this rank: a (seed, epoch) permutation, cut into global batches of
+    world * batch, rank r taking the r-th block of each, so the global batch does not depend on the
+    world size. The tail that does not fill a global batch is dropped; `start` resumes mid-epoch."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.epoch, self.start = 0, 0
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.n // (self.batch * self.world)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self) -> Iterator:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        G = self.batch * self.world
+        for it in range(self.start, self.iters_per_epoch):
+            base = it * G + self.rank * self.batch
+            for i in order[base:base + self.batch]:
+                yield self.epoch, i
+
+    def __len__(self) -> int:
+        return (self.iters_per_epoch - self.start) * self.batch
+
+
+class ImageFolderSource:
+    """DataSource over an image folder: `epoch(e, start)` yields Batches; `prepare` moves them to the device."""
+
+    def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False):
+        self.dataset = MultiCropFolder(d.path, MultiCropAugmentation(d), seed)
+        self.sampler = EpochSampler(len(self.dataset), d.batch_size, rank, world, seed)
+        if self.sampler.iters_per_epoch == 0:
+            raise ValueError(f"data.path {d.path!r} has {len(self.dataset)} images, fewer than one global batch "
+                             f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,
+            collate_fn=collate_crops, pin_memory=pin_memory, drop_last=True,
+            persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
+            generator=torch.Generator(),  # its own, so starting an epoch never draws from the global RNG
+        )
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.sampler.iters_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch, start_batch)
+        return iter(self.loader)
+
+    def prepare(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
+        return [c.to(device, non_blocking=True) for c in batch.crops]
+
+    def close(self) -> None:
+        self.loader = None
