@@ -69,3 +69,25 @@ def test_knn_matches_brute_force():
             score[int(train_y[j])] += torch.exp(torch.tensor(s / 0.1)).item()
         hits += max(range(4), key=lambda c: score[c]) == int(test_y[i])
     assert got["top1"] == pytest.approx(hits / 25)
+
+
+def test_linear_probe_matches_sklearn_logistic_regression():
+    """The same convex objective (mean cross-entropy + wd * |W|^2, bias unpenalised) solved by
+    scikit-learn gives the same predictions."""
+    from sklearn.linear_model import LogisticRegression
+
+    from massl.eval.linear import linear_probe_accuracy, train_linear_probe
+
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 6, generator=g) * 1.5
+    y = torch.randint(0, 4, (300,), generator=g)
+    x = centers[y] + torch.randn(300, 6, generator=g)
+    wd = 1e-2
+    probe = train_linear_probe(x[:200], y[:200], 4, weight_decay=wd)
+    ref = LogisticRegression(C=1.0 / (2 * wd * 200), tol=1e-10, max_iter=10000).fit(x[:200].numpy(), y[:200].numpy())
+    with torch.no_grad():
+        ours = probe(x[200:].double()).softmax(1).numpy()
+    theirs = ref.predict_proba(x[200:].numpy())
+    assert abs(ours - theirs).max() < 1e-3
+    acc = linear_probe_accuracy(x[:200], y[:200], x[200:], y[200:], 4, weight_decay=wd)["top1"]
+    assert acc == pytest.approx((theirs.argmax(1) == y[200:].numpy()).mean())
