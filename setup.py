@@ -18,7 +18,6 @@ setup(
     ],
     extras_require={
         "webdataset": ["webdataset==1.0.2"],
-        "deepspeed": ["deepspeed==0.19.8"],
         "quickstart": ["scikit-learn>=1.3"],
         "dev": ["pytest>=7", "scikit-learn>=1.3", "scikit-image>=0.22", "webdataset==1.0.2"],
     },

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
@@ -123,12 +124,10 @@ class DataConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "single"  # single | ddp | fsdp | deepspeed
+    name: str = "single"  # single | ddp | fsdp
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # every_k: checkpoint every k-th block
     compile: bool = False  # torch.compile each transformer block
-    zero_stage: int = 2  # deepspeed only
-    deepspeed_config: str = ""  # deepspeed only: optional JSON merged over massl's settings
 
 
 @dataclass
@@ -157,7 +156,7 @@ CHOICES = {
     "optim.clip_mode": ("per_param", "global"),
     "data.source": ("imagefolder", "webdataset"),
     "data.aug.interpolation": ("bicubic", "bilinear"),
-    "engine.name": ("single", "ddp", "fsdp", "deepspeed"),
+    "engine.name": ("single", "ddp", "fsdp"),
     "engine.activation_checkpointing": ("none", "full", "every_k"),
 }
 
@@ -199,7 +198,7 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+def _merge(obj: Any, data: dict, prefix: str = "", strict: bool = True) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = get_type_hints(type(obj))
@@ -207,10 +206,13 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
     for k, v in data.items():
         key = prefix + str(k)
         if k not in names:
+            if not strict:
+                warnings.warn(f"ignoring config key {key!r} unknown to this version of massl")
+                continue
             raise ConfigError(f"{key}: unknown key; valid keys here are {', '.join(sorted(names))}")
         current = getattr(obj, k)
         if dataclasses.is_dataclass(current):
-            _merge(current, v, key + ".")
+            _merge(current, v, key + ".", strict)
         else:
             setattr(obj, k, _convert(key, v, hints[k]))
 
@@ -250,10 +252,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(data: dict, check_paths: bool = True, strict: bool = True) -> Config:
+    """A Config from a plain dict (e.g. the copy saved in a checkpoint's manifest). With
+    strict=False, keys this version does not know (a run from another version) are ignored."""
     cfg = Config()
-    _merge(cfg, data)
-    validate(cfg)
+    _merge(cfg, data, strict=strict)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -272,16 +276,17 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = True) -> None:
     """Reject bad values and combinations with a message that names the key.
 
     Checks that need the world size (global batch vs memory ring, memory shards) run when
-    `world_size` is given, i.e. at launch before anything is built.
+    `world_size` is given, i.e. at launch before anything is built. `check_paths=False` skips
+    the existence of data and resume paths (reading a finished run's config elsewhere).
     """
     for key, choices in CHOICES.items():
         _require(_get(cfg, key) in choices, key, f"must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
 
-    r, m, mem, o, d, a, e = cfg.run, cfg.model, cfg.memory, cfg.optim, cfg.data, cfg.data.aug, cfg.engine
+    r, m, mem, o, d, a = cfg.run, cfg.model, cfg.memory, cfg.optim, cfg.data, cfg.data.aug
     for key in ("run.log_every", "run.checkpoint_every", "run.keep_last", "model.patch_size",
                 "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_layers",
                 "memory.size", "memory.partition_size", "optim.epochs", "data.batch_size",
@@ -337,20 +342,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     if d.source == "imagefolder":
         _require(bool(d.path), "data.path", "is required when data.source is imagefolder")
-        _require(os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
+        _require(not check_paths or os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
     else:
         _require(bool(d.urls), "data.urls", "is required when data.source is webdataset (e.g. shards/train-{000000..000099}.tar)")
         _require(not d.manifest or os.path.isfile(d.manifest), "data.manifest",
                  f"file {d.manifest!r} does not exist (massl-shard writes manifest.json beside the shards)")
 
-    if r.resume not in ("auto", "never"):
+    if check_paths and r.resume not in ("auto", "never"):
         _require(os.path.isdir(r.resume), "run.resume", f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
-    if e.name != "deepspeed":
-        _require(not e.deepspeed_config, "engine.deepspeed_config", "is only used with engine.name=deepspeed")
-    _require(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
-    if e.deepspeed_config:
-        _require(os.path.isfile(e.deepspeed_config), "engine.deepspeed_config",
-                 f"file {e.deepspeed_config!r} does not exist")
 
     if world_size is not None:
         g = world_size * d.batch_size
@@ -361,5 +360,5 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             _require(mem.size % world_size == 0, "memory.size",
                      f"({mem.size}) must be divisible by the world size ({world_size}) to shard the memory")
         if world_size > 1:
-            _require(e.name != "single", "engine.name",
-                     f"is single but {world_size} processes were launched; use ddp, fsdp or deepspeed")
+            _require(cfg.engine.name != "single", "engine.name",
+                     f"is single but {world_size} processes were launched; use ddp or fsdp")

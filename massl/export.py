@@ -1,0 +1,36 @@
+"""Export the teacher backbone of a checkpoint as a plain timm state dict (safetensors or .pth).
+
+The file loads strictly into `timm.create_model(model_name, **kwargs)` with the name and kwargs
+written beside it in `<out>.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .eval.features import checkpoint_config, resolve_checkpoint, teacher_backbone_state
+from .models import backbone_spec
+
+
+def export_teacher(checkpoint: str, out: str) -> dict:
+    if not out.endswith((".safetensors", ".pth", ".pt")):
+        raise ValueError(f"--out {out!r}: use a .safetensors, .pth or .pt file name")
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in teacher_backbone_state(ckpt_dir).items()}
+    spec = {**backbone_spec(cfg.model, cfg.data.global_crop_size), "checkpoint": os.path.abspath(ckpt_dir),
+            "mean": cfg.data.aug.mean, "std": cfg.data.aug.std}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, tmp, metadata={"massl": json.dumps(spec)})
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, out)
+    with open(out + ".json", "w") as f:
+        json.dump(spec, f, indent=1)
+    return spec

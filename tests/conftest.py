@@ -1,0 +1,39 @@
+"""Shared fixtures: a small real image folder (the sklearn digits) and a tiny CPU training config."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from massl.config import load_config
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    from data_tools.digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(str(root))
+    return str(root)
+
+
+def tiny_overrides(data_path: str, output_dir: str) -> list[str]:
+    """A ViT small enough for multi-step CPU tests (about 0.1 s per step)."""
+    return [
+        f"data.path={data_path}", f"run.output_dir={output_dir}", "run.device=cpu", "run.tensorboard=false",
+        "run.log_every=1", "run.threads=1",
+        "model.arch=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
+        "model.drop_path=0.0", "model.head_hidden_dim=64", "model.head_bottleneck_dim=16",
+        "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2", "data.batch_size=8",
+        "data.num_workers=0", "memory.size=64", "memory.partition_size=16",
+        "optim.epochs=2", "optim.warmup_epochs=1", "loss.warmup_teacher_temp_epochs=1",
+    ]
+
+
+@pytest.fixture
+def tiny_config(digits_dir, tmp_path):
+    def make(*extra: str, output_dir: str | None = None):
+        out = output_dir or os.path.join(str(tmp_path), "run")
+        return load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), out) + list(extra))
+
+    return make

@@ -1,0 +1,93 @@
+"""Export gives a timm state dict with the checkpoint teacher's features; k-NN against a brute-force reference."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+from massl.engines import load_teacher_state_dict
+from massl.eval.features import checkpoint_config
+from massl.eval.knn import knn_classify
+from massl.export import export_teacher
+from massl.models import build_student_teacher
+from massl.train import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(digits_dir, tmp_path_factory):
+    from massl.config import load_config
+    from tests.conftest import tiny_overrides
+
+    out = str(tmp_path_factory.mktemp("export"))
+    train(load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), out) + ["run.max_steps=3", "model.pooling=mean"]))
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_export_loads_strictly_into_timm_with_same_features(trained_run, tmp_path, suffix):
+    out = str(tmp_path / ("teacher" + suffix))
+    export_teacher(trained_run, out)
+    spec = json.load(open(out + ".json"))
+    model = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(out)
+    else:
+        state = torch.load(out, weights_only=True)
+    model.load_state_dict(state, strict=True)
+
+    ckpt = os.path.join(trained_run, "checkpoints", "step_000000003")
+    cfg = checkpoint_config(ckpt)
+    _, teacher = build_student_teacher(cfg)
+    teacher.load_state_dict(load_teacher_state_dict(ckpt))
+    x = torch.randn(4, 3, cfg.data.global_crop_size, cfg.data.global_crop_size)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), teacher.eval().backbone(x))
+        # and the checkpoint teacher is not the initial one (3 EMA steps happened)
+        torch.manual_seed(cfg.run.seed)
+        _, fresh = build_student_teacher(cfg)
+        assert not torch.allclose(fresh.eval().backbone(x), model(x))
+
+
+def test_export_rejects_unknown_suffix(trained_run, tmp_path):
+    with pytest.raises(ValueError, match="safetensors"):
+        export_teacher(trained_run, str(tmp_path / "teacher.bin"))
+
+
+def test_knn_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train_f = torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=-1)
+    test_f = torch.nn.functional.normalize(torch.randn(25, 8, generator=g), dim=-1)
+    train_y, test_y = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (25,), generator=g)
+    got = knn_classify(train_f, train_y, test_f, test_y, k=7, temperature=0.1, chunk=10)
+    hits = 0
+    for i in range(25):
+        sims = [(float(test_f[i] @ train_f[j]), j) for j in range(60)]
+        score = [0.0] * 4
+        for s, j in sorted(sims, reverse=True)[:7]:
+            score[int(train_y[j])] += torch.exp(torch.tensor(s / 0.1)).item()
+        hits += max(range(4), key=lambda c: score[c]) == int(test_y[i])
+    assert got["top1"] == pytest.approx(hits / 25)
+
+
+def test_linear_probe_matches_sklearn_logistic_regression():
+    """The same convex objective (mean cross-entropy + wd * |W|^2, bias unpenalised) solved by
+    scikit-learn gives the same predictions."""
+    from sklearn.linear_model import LogisticRegression
+
+    from massl.eval.linear import linear_probe_accuracy, train_linear_probe
+
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 6, generator=g) * 1.5
+    y = torch.randint(0, 4, (300,), generator=g)
+    x = centers[y] + torch.randn(300, 6, generator=g)
+    wd = 1e-2
+    probe = train_linear_probe(x[:200], y[:200], 4, weight_decay=wd)
+    ref = LogisticRegression(C=1.0 / (2 * wd * 200), tol=1e-10, max_iter=10000).fit(x[:200].numpy(), y[:200].numpy())
+    with torch.no_grad():
+        ours = probe(x[200:].double()).softmax(1).numpy()
+    theirs = ref.predict_proba(x[200:].numpy())
+    assert abs(ours - theirs).max() < 1e-3
+    acc = linear_probe_accuracy(x[:200], y[:200], x[200:], y[200:], 4, weight_decay=wd)["top1"]
+    assert acc == pytest.approx((theirs.argmax(1) == y[200:].numpy()).mean())
