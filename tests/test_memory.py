@@ -50,7 +50,8 @@ def test_loop_enqueues_teacher_view1_after_the_loss(tiny_config):
     torch.manual_seed(cfg.run.seed)
     student, teacher = build_student_teacher(cfg)
     memory0 = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, seed=cfg.run.seed).bank
-    crops = next(iter(build_data(cfg, 0, 1).epoch(0)))[0]
+    data = build_data(cfg, 0, 1)  # crops leave the loader as uint8; prepare() normalises them
+    crops = data.prepare(next(iter(data.epoch(0))), torch.device("cpu"))
     with torch.no_grad():
         zs, zt = student(crops), teacher(crops[:2])
     perm = random_partition_perm(cfg.memory.size, cfg.run.seed, 0, torch.device("cpu"))
