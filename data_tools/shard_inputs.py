@@ -88,6 +88,8 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
                 return {"data": out.getvalue(), "ext": "jpg", "width": w, "height": h, "bytes": len(data)}
         ext = FORMAT_EXTENSIONS.get(fmt) or os.path.splitext(path)[1].lstrip(".").lower() or "img"
         return {"data": data, "ext": ext, "width": w, "height": h, "bytes": len(data)}
+    except Image.UnidentifiedImageError:
+        return {"error": "UnidentifiedImageError: not an image format PIL can read"}
     except Exception as e:  # any failure to read or decode means: skip this file and list why
         return {"error": f"{type(e).__name__}: {e}"}
 
