@@ -42,26 +42,29 @@ def open_tar(fileobj: IO[bytes]) -> tarfile.TarFile:
 def iter_samples(tar: tarfile.TarFile, skip: int = 0) -> Iterator[tuple[str, dict]]:
     """Yield (key, {extension: bytes}) per sample, reading no data of the first `skip` samples.
 
-    A read error propagates (the caller decides what a damaged shard means); the sample being
-    read when it happens is never yielded.
+    A read error propagates (the caller decides what a damaged shard means), after the sample
+    being read is yielded if its image was read completely.
     """
     key, files, index = None, {}, -1
-    while True:
-        info = tar.next()
-        tar.members = []  # tarfile keeps every header it read; a shard can hold millions
-        if info is None:
-            break
-        if not info.isfile():
-            continue
-        k, ext = split_member_name(info.name)
-        if ext is None:
-            continue
-        if k != key:
-            if key is not None and index >= skip:
-                yield key, files
-            key, files, index = k, {}, index + 1
-        if index >= skip:
-            files[ext] = tar.extractfile(info).read()
+    try:
+        while True:
+            info = tar.next()
+            tar.members = []  # tarfile keeps every header it read; a shard can hold millions
+            if info is None:
+                break
+            k, ext = split_member_name(info.name)
+            if not info.isfile() or ext is None:
+                continue
+            if k != key:
+                if key is not None and index >= skip:
+                    yield key, files
+                key, files, index = k, {}, index + 1
+            if index >= skip:
+                files[ext] = tar.extractfile(info).read()
+    except SHARD_ERRORS:
+        if key is not None and index >= skip and image_extension(files):
+            yield key, files
+        raise
     if key is not None and index >= skip:
         yield key, files
 

@@ -6,9 +6,10 @@ Per-shard sample counts come from the manifest massl-shard writes (data.manifest
 manifest.json beside the shards). epoch_plan.py decides who reads what; this module reads,
 shuffles, decodes and augments.
 
-A sample that cannot be used (a bad image, a shard cut short, a failing pipe) is replaced by
-the next usable sample of its shuffle block, counted in Batch.skipped and reported once on
-stderr, so every rank still yields exactly iters_per_epoch batches.
+A sample that cannot be used is replaced, counted in Batch.skipped and reported on stderr, so
+every rank still yields exactly iters_per_epoch batches: one a shard did not deliver (cut
+short, unreadable, a failing pipe) by the next delivered sample, one that does not decode by
+the next decodable sample of its shuffle block.
 """
 from __future__ import annotations
 
@@ -109,6 +110,25 @@ def read_slots(urls: list[str], pieces) -> Iterator[Optional[tuple[str, dict]]]:
             yield from itertools.repeat(None, wanted - got)
 
 
+def fill_missing(slots: Iterator[Optional[tuple]], where: str) -> Iterator[tuple[str, dict, bool]]:
+    """(key, files, replaced): each missing sample becomes the next delivered one (the last one
+    at the end), so a lost stretch of any length costs only a count, not memory."""
+    missing, last = 0, None
+    for s in slots:
+        if s is None:
+            missing += 1
+            continue
+        for _ in range(missing):
+            yield (*s, True)
+        missing, last = 0, s
+        yield (*s, False)
+    if missing:
+        if last is None:
+            raise RuntimeError(f"no shard delivered any sample for {where}; check the shards with `massl-shard verify`")
+        for _ in range(missing):
+            yield (*last, True)
+
+
 class _Epoch(torch.utils.data.IterableDataset):
     """One epoch of one rank; each DataLoader worker serves the batches resume_point assigns it."""
 
@@ -159,18 +179,16 @@ class WebDatasetSource:
         return self.iters
 
     def sample(self, block: list, perm: list[int], i: int, epoch: int, position: int, warned: set):
-        """Decode and augment block[perm[i]], or the next usable sample of the block after it."""
+        """Decode and augment block[perm[i]], or (counted as one replaced sample) the next usable one after it."""
         for tries in range(len(block)):
-            item = block[perm[(i + tries) % len(block)]]
-            if item is None:
-                continue
-            key, files = item
+            key, files, replaced = block[perm[(i + tries) % len(block)]]
             ext = image_extension(files)
             try:
                 if ext is None:
                     raise ValueError(f"no image among {sorted(files)}")
                 with Image.open(io.BytesIO(files[ext])) as img:
-                    return self.aug(img, sample_rng(self.seed, epoch, position)), tries, key
+                    crops = self.aug(img, sample_rng(self.seed, epoch, position))
+                return crops, int(replaced or tries > 0), key
             except DECODE_ERRORS as e:
                 if key not in warned:
                     warned.add(key)
@@ -185,7 +203,8 @@ class WebDatasetSource:
         if lo + first >= hi:
             return
         k0 = first // size
-        slots = read_slots(self.urls, epoch_pieces(self.counts, self.seed, epoch, lo + k0 * size, hi))
+        pieces = epoch_pieces(self.counts, self.seed, epoch, lo + k0 * size, hi)
+        slots = fill_missing(read_slots(self.urls, pieces), f"epoch {epoch}, rank {self.rank}, worker {worker}")
         pending, warned = [], set()
         for k in range(k0, -(-(hi - lo) // size)):
             block = list(itertools.islice(slots, min(size, hi - lo - k * size)))
@@ -208,3 +227,6 @@ class WebDatasetSource:
 
     def close(self) -> None:
         self._loader_iter = None
+
+    def __getstate__(self) -> dict:  # what spawned DataLoader workers receive: not the running loader
+        return {k: v for k, v in self.__dict__.items() if k != "_loader_iter"}
