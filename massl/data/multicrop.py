@@ -30,7 +30,9 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # torchvision Colo
 PARAM_NAMES = ("flip", "jitter", "brightness", "contrast", "saturation", "hue",
                "order0", "order1", "order2", "order3", "gray", "blur_sigma", "solarize")
 NUM_PARAMS = len(PARAM_NAMES)
-DRAFT_FACTORS = (8, 4, 2)  # JPEG DCT scalings PIL's draft mode offers (1/8, 1/4, 1/2)
+# JPEG DCT scalings used by draft mode. libjpeg also offers 1/8, but that keeps only each 8x8
+# block's mean, visibly coarser than the bicubic resize it would replace.
+DRAFT_FACTORS = (4, 2)
 SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)] * 3  # PIL ImageOps.solarize(threshold=128)
 
 
@@ -112,8 +114,14 @@ def draft_factor(crops: list[CropParams], sizes: list[int]) -> int:
     return next((f for f in DRAFT_FACTORS if smallest >= f), 1)
 
 
+# PIL's convert(matrix) rounds; the Image.blend behind torchvision's PIL jitter truncates. Shifting
+# by half a level makes the matrix ops truncate too, so both give the same uint8 values.
+TRUNCATE = -0.5
+
+
 def affine_matrix(scale: float, offset: float) -> tuple:
-    """RGB convert() matrix of clip(round(scale * x + offset)) on every channel (C speed, no LUT build)."""
+    """RGB convert() matrix of clip(trunc(scale * x + offset)) on every channel (C speed, no LUT build)."""
+    offset += TRUNCATE
     return (scale, 0.0, 0.0, offset, 0.0, scale, 0.0, offset, 0.0, 0.0, scale, offset)
 
 
@@ -127,7 +135,7 @@ def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
 def saturation_matrix(factor: float) -> tuple:
     """RGB matrix of blend(grayscale(img), img, factor), as PIL's ImageEnhance.Color (ITU-R 601 luma)."""
     w = (0.299, 0.587, 0.114)
-    rows = [[(1 - factor) * w[j] + (factor if i == j else 0.0) for j in range(3)] + [0.0] for i in range(3)]
+    rows = [[(1 - factor) * w[j] + (factor if i == j else 0.0) for j in range(3)] + [TRUNCATE] for i in range(3)]
     return tuple(x for row in rows for x in row)
 
 
@@ -211,7 +219,7 @@ class MultiCropAugmentation:
         if img.format == "JPEG":
             f = draft_factor(crops, [v.size for v in self.views])
             if f > 1:
-                img.draft("RGB", (-(-img.width // f), -(-img.height // f)))
+                img.draft("RGB", (img.width // f, img.height // f))  # PIL picks the scale whose size covers this
         return img.convert("RGB")
 
     def crop(self, img: Image.Image, pixels: torch.Tensor, p: CropParams, size: int, sx: float, sy: float):

@@ -1,0 +1,171 @@
+"""Multi-crop augmentation: parameter distributions of method.md, CPU ops vs torchvision's PIL
+functions, device ops (data.gpu_augment) vs torchvision's tensor functions, CPU vs device path."""
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
+
+from massl.config import DataConfig
+from massl.data import gpu_augment as G
+from massl.data import multicrop as M
+
+
+@pytest.fixture(scope="module")
+def photo_jpeg() -> bytes:
+    import skimage.data
+
+    out = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).resize((500, 375)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def within(count: int, n: int, p: float) -> bool:
+    """count is a plausible Binomial(n, p) draw (5 sigma)."""
+    return abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+def test_parameter_distributions_follow_method_md():
+    d = DataConfig()
+    aug = M.MultiCropAugmentation(d)
+    n = 2000
+    draws = [aug.draw(random.Random(i), 500, 375) for i in range(n)]
+    a = d.aug
+    for v, blur_p, sol_p in ((0, 1.0, 0.0), (1, 0.1, 0.2), (2, 0.5, 0.0), (11, 0.5, 0.0)):
+        crops = [ds[v] for ds in draws]
+        assert within(sum(c.flip for c in crops), n, 0.5)
+        assert within(sum(c.jitter is not None for c in crops), n, 0.8)
+        assert within(sum(c.gray for c in crops), n, 0.2)
+        assert within(sum(c.blur_sigma > 0 for c in crops), n, blur_p)
+        assert within(sum(c.solarize for c in crops), n, sol_p)
+        assert all(0.1 <= c.blur_sigma <= 2.0 for c in crops if c.blur_sigma)
+        scale = d.global_crops_scale if v < 2 else d.local_crops_scale
+        areas = [c.box[2] * c.box[3] / (500 * 375) for c in crops]
+        assert min(areas) >= scale[0] * 0.95 and max(areas) <= scale[1] * 1.05
+    jit = [c.jitter for ds in draws for c in ds if c.jitter is not None]
+    assert all(1 - a.brightness <= j[1] <= 1 + a.brightness and 1 - a.contrast <= j[2] <= 1 + a.contrast
+               and 1 - a.saturation <= j[3] <= 1 + a.saturation and -a.hue <= j[4] <= a.hue for j in jit)
+    first_ops = [j[0][0] for j in jit]
+    assert all(within(first_ops.count(op), len(jit), 0.25) for op in range(4))  # random op order
+    forced = DataConfig()
+    for k in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob_local"):
+        setattr(forced.aug, k, 1.0)
+    forced.aug.blur_prob_global1 = 0.0
+    crops = M.MultiCropAugmentation(forced).draw(random.Random(0), 500, 375)
+    assert all(c.flip and c.jitter and c.gray for c in crops) and crops[0].blur_sigma == 0 and crops[5].blur_sigma > 0
+
+
+def test_cpu_ops_match_torchvision_pil_functions(photo_jpeg):
+    img = Image.open(io.BytesIO(photo_jpeg)).convert("RGB").resize((96, 72))
+    ref = img
+    jitter = ((2, 0, 3, 1), 1.3, 0.7, 1.15, -0.08)  # saturation, brightness, hue, contrast
+    for op in jitter[0]:
+        ref = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op](ref, jitter[1 + op])
+    got = M.color_jitter(img, jitter)
+    diff = np.abs(np.asarray(got, dtype=int) - np.asarray(ref, dtype=int))
+    # Each op alone agrees to a level; in a chain, a level's difference can move a dark pixel's hue.
+    assert diff.mean() < 0.1 and np.percentile(diff, 99) <= 1
+    p = M.CropParams(box=(0, 0, 96, 72), flip=True, gray=True, blur_sigma=1.3, solarize=True)
+    ref = ImageOps.solarize(ImageOps.grayscale(ImageOps.mirror(img)).convert("RGB").filter(ImageFilter.GaussianBlur(1.3)), 128)
+    assert np.array_equal(np.asarray(M.photometric(img, p)), np.asarray(ref))
+    src = M.to_uint8_tensor(Image.open(io.BytesIO(photo_jpeg)).convert("RGB"))
+    full = Image.open(io.BytesIO(photo_jpeg)).convert("RGB")
+    for box, size in (((10, 20, 410, 300), 224), ((100, 50, 180, 130), 96), ((0, 0, 60, 50), 96)):
+        ours = M.resized_crop(src, box, size, "bicubic").permute(1, 2, 0).numpy().astype(int)
+        pil = np.asarray(full.resize((size, size), Image.BICUBIC, box=box), dtype=int)
+        assert np.abs(ours - pil).mean() < 0.1 and np.percentile(np.abs(ours - pil), 99.9) <= 2
+
+
+def test_device_ops_match_torchvision_tensor_functions():
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 20, 24)
+    f = torch.tensor([0.6, 1.0, 1.3, 0.9, 1.4])
+    h = torch.tensor([-0.1, 0.0, 0.05, 0.1, -0.03])
+    for ours, ref, arg in ((G.adjust_brightness, TF.adjust_brightness, f), (G.adjust_contrast, TF.adjust_contrast, f),
+                           (G.adjust_saturation, TF.adjust_saturation, f), (G.adjust_hue, TF.adjust_hue, h)):
+        expected = torch.stack([ref(x[i], float(arg[i])) for i in range(5)])
+        assert torch.allclose(ours(x.clone(), arg), expected, atol=1e-4)
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
+    expected = torch.stack([TF.gaussian_blur(x[i], [13, 13], [float(sigma[i])] * 2) for i in range(5)])
+    assert torch.allclose(G.gaussian_blur(x, sigma), expected, atol=1e-5)
+    assert torch.allclose(G.grayscale(x), TF.rgb_to_grayscale(x), atol=3e-4)  # 0.299 (PIL) vs 0.2989 weights
+    assert torch.equal(G.solarize(x), TF.solarize(x, 128 / 255))
+    u8 = (x * 255).round().to(torch.uint8)
+    assert torch.allclose(G.normalize(u8, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+                          TF.normalize(u8.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), atol=1e-5)
+
+
+def test_gpu_augment_batch_equals_a_per_sample_reference():
+    """Each sample gets its own parameters and jitter order, whatever the others in the batch do."""
+    g = torch.Generator().manual_seed(1)
+    n = 16
+    u8 = torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+    rows = []
+    for i in range(n):
+        rng = random.Random(i)
+        order = [0, 1, 2, 3]
+        rng.shuffle(order)
+        p = M.CropParams(box=(0, 0, 1, 1), flip=rng.random() < 0.5, gray=rng.random() < 0.3,
+                         jitter=(tuple(order), rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2),
+                                 rng.uniform(-0.1, 0.1)) if rng.random() < 0.8 else None,
+                         blur_sigma=rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0, solarize=rng.random() < 0.3)
+        rows.append(p)
+    params = torch.tensor([p.as_row() for p in rows])
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    out = G.GpuAugment(mean, std)(u8, params)
+    for i, p in enumerate(rows):
+        x = u8[i].float() / 255
+        if p.flip:
+            x = TF.hflip(x)
+        if p.jitter:
+            for op in p.jitter[0]:
+                x = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op](x, p.jitter[1 + op])
+        if p.gray:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if p.blur_sigma:
+            x = TF.gaussian_blur(x, [13, 13], [p.blur_sigma] * 2)
+        if p.solarize:
+            x = TF.solarize(x, 128 / 255)
+        assert torch.allclose(out[i], TF.normalize(x, mean, std), atol=2e-3), i
+
+
+def test_cpu_and_device_paths_agree_on_a_photo(photo_jpeg):
+    d = DataConfig()
+    cpu, dev = M.MultiCropAugmentation(d, False), M.MultiCropAugmentation(d, True)
+    augment = G.GpuAugment([0, 0, 0], [1, 1, 1])  # compare in [0, 1] units
+    for i in range(3):
+        on_cpu, none = cpu(Image.open(io.BytesIO(photo_jpeg)), M.sample_rng(0, 0, i))
+        crops, params = dev(Image.open(io.BytesIO(photo_jpeg)), M.sample_rng(0, 0, i))
+        assert none is None and params.shape == (12, M.NUM_PARAMS)
+        for v in range(12):
+            diff = (on_cpu[v].float() / 255 - augment(crops[v].unsqueeze(0), params[v:v + 1])[0]).abs()
+            assert diff.mean() < 0.02, (i, v, diff.mean())  # rounding, PIL's box-blur vs a true Gaussian
+
+
+def test_draft_decode_serves_large_jpegs(photo_jpeg):
+    big = io.BytesIO()
+    Image.open(io.BytesIO(photo_jpeg)).resize((2000, 1500)).save(big, "JPEG", quality=90)
+    d = DataConfig(global_crop_size=64, local_crop_size=32)
+    aug = M.MultiCropAugmentation(d, photometric_on_device=True)
+    full = M.to_uint8_tensor(Image.open(io.BytesIO(big.getvalue())).convert("RGB"))
+    for i in range(3):
+        rng_params, rng_crops = M.sample_rng(0, 0, i), M.sample_rng(0, 0, i)
+        params = aug.draw(rng_params, 2000, 1500)
+        factor = M.draft_factor(params, [64, 64] + [32] * 10)
+        assert factor >= 2 and all(min(p.box[2], p.box[3]) >= factor * s for p, s in zip(params, [64, 64] + [32] * 10))
+        img = Image.open(io.BytesIO(big.getvalue()))
+        crops, _ = aug(img, rng_crops)
+        assert img.size == (2000 // factor, 1500 // factor)  # decoded at the reduced scale
+        for p, c, s in zip(params, crops, [64, 64] + [32] * 10):
+            left, top, w, h = p.box
+            ref = M.resized_crop(full, (left, top, left + w, top + h), s, "bicubic")
+            # levels of 255: DCT scaling vs bicubic, and boxes rounded to whole pixels of the reduced image
+            assert (c.float() - ref.float()).abs().mean() < 2.5
+    small = aug.draw(random.Random(0), 60, 40)
+    assert M.draft_factor(small, [64, 64] + [32] * 10) == 1
