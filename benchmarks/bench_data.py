@@ -3,8 +3,9 @@
 (a) the published recipe built from torchvision's PIL transforms exactly as docs/method.md lists
     them (2 global 224 px + 10 local 96 px crops, bicubic, flip, colour jitter p=0.8, grayscale,
     PIL Gaussian blur, solarise, ToTensor + Normalize), from a full-size JPEG decode;
-(b) massl's pipeline (MultiCropAugmentation, data.gpu_augment=false), including the batched
-    uint8 -> normalised float conversion that prepare() does;
+(b) massl's pipeline (MultiCropAugmentation, data.gpu_augment=false) as a DataLoader worker runs
+    it: decode, crops, all photometric ops, uint8 tensors (prepare() normalises on the device);
+(b+) the same plus that normalisation to float on this CPU, what a CPU-only run also pays;
 (c) the worker side of data.gpu_augment=true (decode, crop, resize to uint8, parameter rows).
 
 Inputs: JPEGs (q=90, about 500x375) made from scikit-image's bundled photos in a temp dir.
@@ -80,15 +81,15 @@ def published_recipe():
     return run
 
 
-def massl_pipeline(on_device: bool):
+def massl_pipeline(on_device: bool, normalise: bool = False):
     aug = MultiCropAugmentation(DataConfig(), photometric_on_device=on_device)
     mean, std = DataConfig().aug.mean, DataConfig().aug.std
 
     def run(data: bytes, i: int):
         crops, params = aug(Image.open(io.BytesIO(data)), sample_rng(0, 0, i))
-        if on_device:
-            return crops, params
-        return [normalize(c.unsqueeze(0), mean, std) for c in crops]
+        if normalise:
+            return [normalize(c.unsqueeze(0), mean, std) for c in crops]
+        return crops, params
 
     return run
 
@@ -112,7 +113,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         blobs = [open(path, "rb").read() for path in make_jpegs(tmp)]
-    pipelines = {"a_published_torchvision": published_recipe(), "b_massl_cpu": massl_pipeline(False),
+    pipelines = {"a_published_torchvision": published_recipe(), "b_massl_cpu_worker": massl_pipeline(False),
+                 "b+_massl_cpu_with_normalise": massl_pipeline(False, normalise=True),
                  "c_massl_gpu_augment_worker": massl_pipeline(True)}
     for fn in pipelines.values():  # warm-up
         time_cpu(fn, blobs, len(blobs))

@@ -69,8 +69,9 @@ def test_cpu_ops_match_torchvision_pil_functions(photo_jpeg):
         ref = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op](ref, jitter[1 + op])
     got = M.color_jitter(img, jitter)
     diff = np.abs(np.asarray(got, dtype=int) - np.asarray(ref, dtype=int))
-    # Each op alone agrees to a level; in a chain, a level's difference can move a dark pixel's hue.
-    assert diff.mean() < 0.1 and np.percentile(diff, 99) <= 1
+    # Each op agrees within a level (hue: 8-bit channel ops where PIL converts HSV in float); in a
+    # chain, a level of difference can move a dark pixel's hue further.
+    assert diff.mean() < 0.3 and np.percentile(diff, 99) <= 1
     p = M.CropParams(box=(0, 0, 96, 72), flip=True, gray=True, blur_sigma=1.3, solarize=True)
     ref = ImageOps.solarize(ImageOps.grayscale(ImageOps.mirror(img)).convert("RGB").filter(ImageFilter.GaussianBlur(1.3)), 128)
     assert np.array_equal(np.asarray(M.photometric(img, p)), np.asarray(ref))
@@ -169,3 +170,21 @@ def test_draft_decode_serves_large_jpegs(photo_jpeg):
             assert (c.float() - ref.float()).abs().mean() < 2.5
     small = aug.draw(random.Random(0), 60, 40)
     assert M.draft_factor(small, [64, 64] + [32] * 10) == 1
+
+
+def test_training_with_gpu_augment_on_cpu(tiny_config):
+    """data.gpu_augment=true end to end: folder workers send uint8 crops and parameter rows,
+    prepare() augments on the (CPU) device, and the crops are those of the CPU path up to rounding."""
+    from massl.data import build_data
+    from massl.train import train
+
+    cfg = tiny_config("data.gpu_augment=true", "run.max_steps=2", "data.num_workers=1")
+    summary = train(cfg)
+    assert summary["step"] == 2 and math.isfinite(summary["loss"])
+    on_device = build_data(cfg, 0, 1)
+    batch = next(iter(on_device.epoch(0)))
+    assert batch.params is not None and batch.crops[0].dtype == torch.uint8
+    on_cpu = build_data(tiny_config("data.gpu_augment=false"), 0, 1)
+    cpu_batch = next(iter(on_cpu.epoch(0)))
+    for a, b in zip(on_device.prepare(batch, torch.device("cpu")), on_cpu.prepare(cpu_batch, torch.device("cpu"))):
+        assert a.shape == b.shape and (a - b).abs().mean() < 0.1  # normalised units

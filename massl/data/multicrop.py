@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageChops, ImageFilter
 
 from ..config import AugConfig, DataConfig
 
@@ -139,11 +139,24 @@ def saturation_matrix(factor: float) -> tuple:
     return tuple(x for row in rows for x in row)
 
 
+_HUE_LEVELS = np.arange(256)
+_CHANNEL_HUES = np.array([0.0, 1 / 3, 2 / 3])  # hues (turns) where R, G, B peak
+
+
+def hue_weights(shift: int) -> np.ndarray:
+    """[3, 256] uint8: per hue, how far below V each channel sits, as a fraction of the chroma (x255)."""
+    hue = ((_HUE_LEVELS + shift) % 256) / 255.0  # PIL reads its 8-bit hue as h / 255 turns
+    x = ((hue[None, :] - _CHANNEL_HUES[:, None]) % 1.0) * 6.0  # sextants from the channel's peak
+    return np.round(255 * np.clip(np.minimum(x, 6 - x) - 1, 0, 1)).astype(np.uint8)
+
+
 def adjust_hue(img: Image.Image, hue: float) -> Image.Image:
-    # torchvision's PIL adjust_hue: shift PIL's 8-bit HSV hue with wrap-around.
+    """torchvision's PIL adjust_hue (shift PIL's 8-bit HSV hue with wrap-around). The way back to
+    RGB, channel = V * (1 - S * weight(H + shift) / 255^2), runs as PIL 8-bit channel ops: about
+    2/3 of the time of PIL's float HSV -> RGB conversion, within one level of it."""
     h, s, v = img.convert("HSV").split()
-    h = h.point(((np.arange(256) + int(hue * 255)) % 256).tolist())
-    return Image.merge("HSV", (h, s, v)).convert("RGB")
+    return Image.merge("RGB", [ImageChops.multiply(v, ImageChops.invert(ImageChops.multiply(s, h.point(w.tolist()))))
+                               for w in hue_weights(int(hue * 255))])
 
 
 def color_jitter(img: Image.Image, jitter: tuple) -> Image.Image:
@@ -191,6 +204,8 @@ def resized_crop(src: torch.Tensor, box: tuple, size: int, mode: str) -> torch.T
     level or so) at about 5x its speed on one core."""
     left, top, right, bottom = (int(round(v)) for v in box)
     crop = src[:, top:max(bottom, top + 1), left:max(right, left + 1)].unsqueeze(0)
+    # Channels-last in, channels-last out: torch's fast uint8 path, and a free view as an HWC image.
+    crop = crop.contiguous(memory_format=torch.channels_last)
     return F.interpolate(crop, size=(size, size), mode=mode, antialias=True)[0]
 
 
