@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .multicrop import PARAM_NAMES
+from .multicrop import JITTER_OPS, PARAM_NAMES
 
 COL = {name: i for i, name in enumerate(PARAM_NAMES)}
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's L conversion
@@ -119,7 +119,7 @@ class GpuAugment:
             op_at_slot = p[:, COL[f"order{slot}"]]
             for op, fn in enumerate(JITTER):
                 rows = where(jitter & (op_at_slot == op))
-                x = self._apply(x, rows, fn, p[rows, COL[("brightness", "contrast", "saturation", "hue")[op]]])
+                x = self._apply(x, rows, fn, p[rows, COL[JITTER_OPS[op]]])
         x = self._apply(x, where(p[:, COL["gray"]] > 0.5), lambda t: grayscale(t).expand_as(t))
         rows = where(p[:, COL["blur_sigma"]] > 0)
         x = self._apply(x, rows, gaussian_blur, p[rows, COL["blur_sigma"]])
