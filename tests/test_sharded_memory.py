@@ -463,3 +463,27 @@ def test_gather_gradient_with_non_contiguous_incoming_gradient(runs, world):
         assert world == 1 or not incoming_contiguous
         _close(value, (weight * x_all.T ** 2).sum(), 1e-12)
         _close(grad, (2 * weight.T * x_all)[_rows(rank, world)], 1e-12)
+
+
+def test_second_backward_recomputes_the_scaled_exponentials():
+    """The unchunked path turns its kept student exponentials into probabilities in place during
+    the backward; a retained graph's second backward must still give the same gradient."""
+    zs_all, zt_all = _inputs(0, torch.float64)
+    zs = zs_all.clone().requires_grad_()
+    loss = massl_loss(zs, zt_all, _initial_memory(), _perm(0), 8, STUDENT_TEMP, TEACHER_TEMP)
+    first = torch.autograd.grad(loss, zs, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, zs)[0]
+    _close(second, first, 1e-14)
+    _close(first, _reference_run(8, torch.float64)[1][0], 1e-10)
+
+
+def test_float32_at_the_lowest_temperature_with_peaked_logits():
+    """Temperatures at the config floor (0.025) and rows equal to memory columns (logits at the
+    bound |z|/t = 40): the stabiliser keeps every exponential a normal float32."""
+    memory = _initial_memory()
+    zs_all, zt_all = _inputs(0, torch.float64)
+    zs_all[:, :4] = memory.T[:4].double()
+    zt_all[:, :4] = -memory.T[:4].double()  # partitions far from the row: exponentials near exp(-80)
+    loss = massl_loss(zs_all.float().requires_grad_(), zt_all.float(), memory, _perm(0), 8, 0.025, 0.025)
+    expected = massl_loss_reference(zs_all, zt_all, memory.double(), _perm(0), 8, 0.025, 0.025)
+    _close(loss, expected, 1e-5)
