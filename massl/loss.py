@@ -75,7 +75,8 @@ class _PartitionCrossEntropy(torch.autograd.Function):
     slots; part [Kl]: their partition ids (n_parts = unused). `chunk` samples are processed at a time.
     The cross term sum_k pt[j,b,k] ls[i,b,k] = zs[i,b].q[j,b] / t_s goes through the teacher targets
     pulled back to embedding space, q[j,b] = sum_k pt[j,b,k] m_k (this rank's slots), so the only
-    [rows, Kl] buffer kept for the backward is the student's exponentials (one chunk) or none.
+    [rows, Kl] buffer kept for the backward is the student's exponentials when there is one chunk;
+    with several, the backward recomputes them chunk by chunk.
     """
 
     @staticmethod
@@ -94,8 +95,8 @@ class _PartitionCrossEntropy(torch.autograd.Function):
             sums_s[:, sl] = es @ onehot
             et = _exp_logits(zt_all[:, sl], memory, teacher_temp)
             sums_t[:, sl] = et @ onehot
-        student_exp = es if one_pass and ctx.needs_input_grad[0] else None  # kept for the backward
-        del es
+            kept = (es, et) if one_pass else None
+            del es, et  # release a chunk's buffers before the next chunk allocates its own
         sums = torch.cat([sums_s.flatten(), sums_t.flatten()])
         if group is not None:
             dist.all_reduce(sums, group=group)
@@ -107,9 +108,11 @@ class _PartitionCrossEntropy(torch.autograd.Function):
 
         q = zt_all.new_empty(2, G, D)
         for sl in chunks:
-            pt = et if one_pass else _exp_logits(zt_all[:, sl], memory, teacher_temp)
+            pt = kept[1] if one_pass else _exp_logits(zt_all[:, sl], memory, teacher_temp)
             q[:, sl] = _scale_by_partition_(pt, inv_t[:, sl], part) @ memory.T
-        del et, pt
+            del pt
+        student_exp = kept[0] if one_pass and ctx.needs_input_grad[0] else None  # kept for the backward
+        del kept
         cross = ((zs_all * (q[0] + q[1])).sum() - (zs_all[:2] * q).sum()) / student_temp
         if group is not None:
             dist.all_reduce(cross, group=group)
@@ -131,6 +134,7 @@ class _PartitionCrossEntropy(torch.autograd.Function):
             es = ctx.student_exp if ctx.student_exp is not None else _exp_logits(zs_all[:, sl], memory, ctx.student_temp)
             ctx.student_exp = None  # scaled in place below: a second backward recomputes it
             grad_zs[:, sl] = _scale_by_partition_(es, inv_s[:, sl], part) @ memory.T
+            del es
         # d total / d zs_i = (c_i sum_k ps_i,k m_k - sum_{j != i} q_j) / t_s on this rank's slots;
         # the all-gather's backward sums the ranks' parts.
         grad_zs.mul_(_view_weights(zs_all.shape[0], zs_all)[:, None, None]).sub_(q[0] + q[1])
