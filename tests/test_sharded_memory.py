@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import massl.dist
 from massl.dist import gather_rows_with_grad, sum_partials, world_of
 from massl.loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
 from massl.memory import MemoryBank
+from tests.collectives import CollectiveCounter
 from tests.distributed import run_ranks
 from tests.reference import FifoReference, massl_loss_reference
 
@@ -50,6 +50,11 @@ def _initial_memory() -> torch.Tensor:
     return F.normalize(torch.randn(D, K, generator=torch.Generator().manual_seed(SEED)), dim=0)
 
 
+def _rows(rank: int, world: int, n: int = G) -> slice:
+    """Rank `rank`'s share of n rows (or slots), contiguous and in rank order."""
+    return slice(rank * (n // world), (rank + 1) * (n // world))
+
+
 def _perm(step: int) -> torch.Tensor:
     return random_partition_perm(K, SEED, step, torch.device("cpu"))
 
@@ -64,7 +69,7 @@ def _train_steps(group, partition_size, dtype, chunk_rows=0, sharded=True, steps
     batch with group=None, the memory still fed with every rank's keys.
     """
     rank, world = world_of(group)
-    rows = slice(rank * (G // world), (rank + 1) * (G // world))
+    rows = _rows(rank, world)
     memory = MemoryBank(D, K, group=group, sharded=sharded, seed=SEED)
     losses, grads, perms = [], [], []
     for step in range(steps):
@@ -85,13 +90,13 @@ def _engine_gradient(group, sharded):
     """Parameter gradient of a tiny projection as train.py produces it: backward of loss * W when
     sharded (each rank holds its part of the global gradient), then the engine's mean over ranks."""
     rank, world = world_of(group)
-    rows = slice(rank * (G // world), (rank + 1) * (G // world))
+    rows = _rows(rank, world)
     x_all, zt_all = _projection_inputs()
     proj = _projection_weight().requires_grad_()
     zs = F.normalize(x_all[:, rows] @ proj, dim=-1)
     memory = _initial_memory().double()
     if sharded:
-        memory = memory[:, rank * K // world:(rank + 1) * K // world]
+        memory = memory[:, _rows(rank, world, K)]
     loss = massl_loss(zs, zt_all[:, rows], memory, _perm(0), 16, STUDENT_TEMP, TEACHER_TEMP,
                       group=group if sharded else None)
     (loss * (world if sharded else 1)).backward()
@@ -133,8 +138,7 @@ def _gather_grad(group):
     non-contiguous), each rank takes its share of a weighted sum of squares."""
     rank, world = world_of(group)
     x_all, weight = _gather_inputs()
-    b = G // world
-    x = x_all[rank * b:(rank + 1) * b].clone().requires_grad_()
+    x = x_all[_rows(rank, world)].clone().requires_grad_()
     gathered = gather_rows_with_grad(x, group)
     contiguous = []
     gathered.register_hook(lambda grad: contiguous.append(grad.is_contiguous()))
@@ -144,86 +148,40 @@ def _gather_grad(group):
     return value.detach(), x.grad, contiguous[0]
 
 
-class _CollectiveBytes:
-    """Counts the payload of every collective call: the tensor of an all-reduce, the gathered
-    output of an all-gather, the input of a reduce-scatter. Patches torch.distributed and the
-    aliases massl.dist bound at import; nested calls (deprecated wrappers) count once."""
-
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-             "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "all_to_all_single")
-
-    def __init__(self):
-        self.calls, self.depth, self.saved = [], 0, []
-
-    def _wrap(self, name, fn):
-        @functools.wraps(fn)
-        def counted(*args, **kwargs):
-            if self.depth == 0:
-                tensors = [a for a in args if isinstance(a, torch.Tensor)]
-                if isinstance(args[0], list):  # list-of-tensors all_gather
-                    tensors = args[0]
-                payload = max(t.numel() * t.element_size() for t in tensors) if name != "all_gather" \
-                    else sum(t.numel() * t.element_size() for t in tensors)
-                self.calls.append((name, payload))
-            self.depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.depth -= 1
-        return counted
-
-    def __enter__(self):
-        for module, names in ((dist, self.NAMES), (massl.dist, ("_all_gather_tensor", "_reduce_scatter_tensor"))):
-            for name in names:
-                if hasattr(module, name):
-                    fn = getattr(module, name)
-                    self.saved.append((module, name, fn))
-                    kind = fn.__name__ if module is massl.dist else name
-                    setattr(module, name, self._wrap(kind, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for module, name, fn in reversed(self.saved):
-            setattr(module, name, fn)
-
-
-def _kind(name: str) -> str:
-    return "all_gather" if "gather" in name else "reduce_scatter" if "scatter" in name else name
-
-
 def _collective_bytes(group, size, partition_size, batch=4, views=4, dim=8):
     """Collectives of one step of the loss path: massl_loss forward + backward, then enqueue."""
     zs = F.normalize(torch.randn(views, batch, dim), dim=-1).requires_grad_()
     zt = F.normalize(torch.randn(2, batch, dim), dim=-1)
     memory = MemoryBank(dim, size, group=group, seed=0)
     perm = random_partition_perm(size, 0, 0, torch.device("cpu"))
-    with _CollectiveBytes() as counter:
+    with CollectiveCounter() as counter:
         massl_loss(zs, zt, memory.bank, perm, partition_size, STUDENT_TEMP, TEACHER_TEMP, group=group).backward()
         memory.enqueue(zt[1])
-    return [(_kind(name), payload) for name, payload in counter.calls]
+    return counter.calls
 
 
 def _rank_main(rank, world, saved_at_2):
     group = dist.group.WORLD
+    exact = {(p, dtype): _train_steps(group, p, dtype) for p in PARTITIONS for dtype in TOL}
     out = {
-        "exact": {(p, dtype): _train_steps(group, p, dtype)[0] for p in PARTITIONS for dtype in TOL},
+        "exact": {key: results for key, (results, _) in exact.items()},
         "chunked": {(p, c): _train_steps(group, p, torch.float64, chunk_rows=c)[0]
                     for p in PARTITIONS for c in CHUNK_ROWS},
         "replicated": {p: _train_steps(group, p, torch.float64, sharded=False)[0] for p in PARTITIONS},
         "engine_grad": {s: _engine_gradient(group, s) for s in (True, False)},
         "gather": _gather_grad(group),
     }
-    x = _koleo_inputs()[rank * (G // world):(rank + 1) * (G // world)].clone().requires_grad_()
+    x = _koleo_inputs()[_rows(rank, world)].clone().requires_grad_()
     value = koleo_loss(x, group)
     value.backward()
     out["koleo"] = (value.detach(), x.grad)
     zs0, zt1 = _agreement_inputs()
-    b = zs0.shape[0] // world
+    mine = _rows(rank, world, zs0.shape[0])
     memory = MemoryBank(D, K, group=group, seed=SEED)
-    out["agreement"] = [torch.stack(partition_agreement(zs0[rank * b:(rank + 1) * b], zt1[rank * b:(rank + 1) * b],
-                                                        memory.bank, _perm(0), p, group)) for p in PARTITIONS]
+    out["agreement"] = [torch.stack(partition_agreement(zs0[mine], zt1[mine], memory.bank, _perm(0), p, group))
+                        for p in PARTITIONS]
     if world == 2:
-        trained = _train_steps(group, CKPT_PARTITION, torch.float64)[1]
+        trained = exact[(CKPT_PARTITION, torch.float64)][1]
         out["saved"] = {"full": trained.full_state_dict(), "shard": trained.state_dict()}
     if world > 1:
         out["bytes"] = {size: _collective_bytes(group, size, size // 8) for size in (4096, 65536)}
@@ -247,7 +205,7 @@ def _load_and_continue(group, saved_at_2):
             results[name] = str(e)
             continue
         _, zt_all = _inputs(STEPS, torch.float64)
-        memory.enqueue(zt_all[1, rank * (G // world):(rank + 1) * (G // world)])
+        memory.enqueue(zt_all[1, _rows(rank, world)])
         results[name] = {"state": memory.state_dict(), "full": memory.full_state_dict()}
     return results
 
@@ -287,10 +245,6 @@ def _close(actual, expected, tol):
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
-def _rows(rank, world):
-    return slice(rank * (G // world), (rank + 1) * (G // world))
-
-
 def _check_against_reference(ranks, partition_size, dtype, tol):
     losses, grads, _ = _reference_run(partition_size, dtype)
     world = len(ranks)
@@ -315,7 +269,7 @@ def test_sharded_memory_holds_the_single_process_ring(runs, world, partition_siz
     for rank, result in enumerate(runs[world]):
         state = result["exact"][(partition_size, torch.float64)]["state"]
         assert state["offset"] == rank * K // world and state["ptr"] == ring.ptr == STEPS * G % K
-        assert torch.equal(state["bank"], ring.memory[:, state["offset"]:state["offset"] + K // world])
+        assert torch.equal(state["bank"], ring.memory[:, _rows(rank, world, K)])
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -389,8 +343,7 @@ def test_memory_checkpoint_from_two_ranks_loads_at_other_world_sizes(runs, world
         for source in sources:
             loaded = result["loaded"][source]
             assert torch.equal(loaded["full"]["bank"], ring.memory) and loaded["full"]["ptr"] == ring.ptr
-            lo = rank * K // world
-            assert torch.equal(loaded["state"]["bank"], ring.memory[:, lo:lo + K // world])
+            assert torch.equal(loaded["state"]["bank"], ring.memory[:, _rows(rank, world, K)])
     if world == 1:  # one W=2 shard does not cover all K slots: refuse rather than load half
         assert "does not cover" in runs[1][0]["loaded"]["shard"]
 
