@@ -1,8 +1,8 @@
 """The engine interface, implemented for one process (`single`).
 
 An engine owns everything that depends on how the models are parallelised: wrapping (in one
-place, in a fixed order: activation checkpointing, compile, then the parallel wrapper),
-precision, the optimiser step with clipping, the teacher EMA, and checkpoint I/O. The training
+place, in a fixed order, wrapping.py: synchronised BatchNorm, activation checkpointing, compile,
+then the engine's `parallelize`), precision, the optimiser step with clipping, the teacher EMA, and checkpoint I/O. The training
 loop only calls `student(crops)`, `teacher(crops)`, `autocast()`, `backward()`, `step()`,
 `save()` and `load()`, and never asks which engine it has.
 """

@@ -22,10 +22,16 @@ from . import dcp_io
 from .base import DTYPES, Engine, process_group
 
 
-def _reshard_after_forward(module, args, output):
+def _reshard(module, args, output):
     # FSDP2 leaves the root unsharded after forward, expecting backward to follow; the teacher's
-    # no_grad forward has none, and its EMA and checkpoints need the sharded DTensors back.
+    # forward has none, and its EMA and checkpoints need the sharded DTensors back (pitfalls.md #3).
     module.reshard()
+
+
+def _reshard_without_grad(module, args, output):
+    # the student, when run for evaluation: no backward will follow a forward without grad
+    if not torch.is_grad_enabled():
+        module.reshard()
 
 
 def local_shards(tensors) -> list[torch.Tensor]:
@@ -71,7 +77,8 @@ class FSDPEngine(Engine):
             for block in model.backbone.blocks:
                 fully_shard(block, mesh=self.mesh, mp_policy=policy)
             fully_shard(model, mesh=self.mesh, mp_policy=policy)
-        teacher.register_forward_hook(_reshard_after_forward)
+        teacher.register_forward_hook(_reshard)
+        student.register_forward_hook(_reshard_without_grad)
         return student, teacher
 
     def autocast(self):
