@@ -2,9 +2,10 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.engines_worker CONFIG HOLD_STEP MARKERS
 
-trains as `massl.train.train` does; with HOLD_STEP > 0, each rank stops inside the checkpoint
-write of that step (its files written, the checkpoint not yet sealed), drops MARKERS/rank<r>
-and waits there to be killed.
+trains as `massl.train.train` does. Each rank writes its process id to MARKERS/pid.<rank> (torchrun
+starts the ranks in their own sessions: the test kills them by id). With HOLD_STEP > 0, each rank
+stops inside the checkpoint write of that step (its files written, the checkpoint not yet
+sealed), drops MARKERS/held.<rank> and waits there to be killed.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def hold_inside_checkpoint_write(step: int, markers: str) -> None:
     def write_then_hold(self, directory, memory, trainer_state):
         write(self, directory, memory, trainer_state)
         if trainer_state["step"] == step:
-            open(os.path.join(markers, f"rank{self.env.rank}"), "w").close()
+            open(os.path.join(markers, f"held.{self.env.rank}"), "w").close()
             time.sleep(600)
 
     FSDPEngine.save = write_then_hold
@@ -31,6 +32,8 @@ def hold_inside_checkpoint_write(step: int, markers: str) -> None:
 
 if __name__ == "__main__":
     config, hold_step, markers = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    with open(os.path.join(markers, f"pid.{os.environ['RANK']}"), "w") as f:
+        f.write(str(os.getpid()))
     if hold_step > 0:
         hold_inside_checkpoint_write(hold_step, markers)
     train(load_config(config))

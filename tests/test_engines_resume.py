@@ -27,19 +27,45 @@ TIMEOUT = 240
 
 
 def _launch(config: str, hold_step: int, markers: str, log) -> subprocess.Popen:
+    for name in os.listdir(markers):
+        os.remove(os.path.join(markers, name))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tests.engines_worker", config, str(hold_step), markers]
-    # its own session: one SIGKILL to the group reaches the launcher and both training processes
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _kill_all(proc: subprocess.Popen, markers: str) -> None:
+    """SIGKILL the training processes (by the ids they wrote: torchrun starts them in sessions of
+    their own) and the launcher (in its own session too)."""
+    pids = []
+    for name in os.listdir(markers):
+        if name.startswith("pid."):
+            with open(os.path.join(markers, name)) as f:
+                pids.append(int(f.read()))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "a training process survived SIGKILL"
 
 
 def _read(path) -> str:
@@ -63,14 +89,15 @@ def test_fsdp_run_killed_mid_checkpoint_resumes_and_reproduces_losses(tmp_path):
         proc = _launch(config, 6, markers, log)
         try:
             deadline = time.monotonic() + TIMEOUT
-            while not all(os.path.exists(os.path.join(markers, f"rank{r}")) for r in (0, 1)):
+            while not all(os.path.exists(os.path.join(markers, f"held.{r}")) for r in (0, 1)):
                 if proc.poll() is not None:
                     pytest.fail("the run ended before the step-6 checkpoint write:\n" + _read(tmp_path / "killed.log"))
                 if time.monotonic() > deadline:
                     pytest.fail("no rank reached the step-6 checkpoint write:\n" + _read(tmp_path / "killed.log"))
                 time.sleep(0.2)
         finally:
-            _kill_group(proc)
+            if proc.poll() is None:  # (torchrun exits only once its ranks have)
+                _kill_all(proc, markers)
 
     root = os.path.join(out, "checkpoints")
     cut_short = os.path.join(root, ".tmp-step_000000006")
@@ -91,7 +118,8 @@ def test_fsdp_run_killed_mid_checkpoint_resumes_and_reproduces_losses(tmp_path):
         try:
             rc = proc.wait(timeout=TIMEOUT)
         finally:
-            _kill_group(proc)
+            if proc.poll() is None:
+                _kill_all(proc, markers)
     text = _read(tmp_path / "resumed.log")
     assert rc == 0, text
     assert f"resumed from {step_dir(out, 3)}" in text
