@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .dist import gather_rows, gather_rows_with_grad, sum_partials, world_of
 
+
 def random_partition_perm(size: int, seed: int, step: int, device: torch.device) -> torch.Tensor:
     """The step's permutation of the K slots: the same on every rank, drawn on `device`, no host sync."""
     g = torch.Generator(device=device)
