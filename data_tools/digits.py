@@ -14,7 +14,8 @@ from PIL import Image
 N_TRAIN = 1297
 
 
-def write_digits(out: str) -> dict:
+def write_digits(out: str, size: int = 8) -> dict:
+    """Write the split; `size` > 8 upscales each image (bicubic) so crops of it are not limited to whole 8x8 pixels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -25,7 +26,10 @@ def write_digits(out: str) -> dict:
             folder = os.path.join(out, split, str(digits.target[i]))
             os.makedirs(folder, exist_ok=True)
             pixels = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
-            Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
+            img = Image.fromarray(pixels, mode="L")
+            if size != 8:
+                img = img.resize((size, size), Image.BICUBIC)
+            img.save(os.path.join(folder, f"{i:04d}.png"))
         counts[split] = len(idx)
     return counts
 
@@ -33,8 +37,9 @@ def write_digits(out: str) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/digits", help="output root (default: data/digits)")
+    p.add_argument("--size", type=int, default=8, help="image side in pixels (default 8, the original; larger is bicubic)")
     args = p.parse_args(argv)
-    counts = write_digits(args.out)
+    counts = write_digits(args.out, args.size)
     print(f"wrote {counts['train']} train and {counts['val']} val digits under {args.out}")
 
 

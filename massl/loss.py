@@ -14,8 +14,9 @@ per-row bound |z| / t (known on every rank without communication) keeps exp() in
 [exp(-2|z|/t), 1]; config validation keeps temperatures >= 0.025 (exp(-80) = 1.8e-35 is still a normal fp32).
 
 Gradient w.r.t. the logits of student view i: c_i * softmax_s - (sum of the targets of the
-teacher views j != i), c_i = number of such j; each rank computes it on its own slots and the
-all-gather's backward sums the ranks' parts (dist.py).
+teacher views j != i), c_i = number of such j; each rank computes its part on its own slots,
+already multiplied by the memory (so in embedding space, [rows, D]), and the all-gather's
+backward sums the ranks' parts (dist.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .dist import gather_rows, gather_rows_with_grad, sum_partials, world_of
+
 
 def random_partition_perm(size: int, seed: int, step: int, device: torch.device) -> torch.Tensor:
     """The step's permutation of the K slots: the same on every rank, drawn on `device`, no host sync."""
@@ -51,42 +53,51 @@ def _view_weights(n_views: int, like: torch.Tensor) -> torch.Tensor:
     return c
 
 
+def _exp_logits(z: torch.Tensor, memory: torch.Tensor, temp: float) -> torch.Tensor:
+    """exp(l - |z|/t) for the logits l = z.m/t of rows z [R, g, D] against slots memory [D, Kl];
+    one [R, g, Kl] buffer, stabilised in place (module docstring). One [R*g, D] x [D, Kl] product:
+    a batched product over the R row blocks would stream the memory R times (slow for small g)."""
+    logits = (z.reshape(-1, z.shape[-1]) @ memory).view(*z.shape[:-1], -1)
+    return logits.sub_(z.norm(dim=-1, keepdim=True)).mul_(1.0 / temp).exp_()
+
+
+def _scale_by_partition_(e: torch.Tensor, inv: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """e[r, b, k] *= inv[r, b, part[k]] in place: exponentials to probabilities. Row block by row
+    block, so the gathered factors never take more than one [g, Kl] temporary."""
+    for r in range(e.shape[0]):
+        e[r].mul_(inv[r].index_select(-1, part))
+    return e
+
+
 class _PartitionCrossEntropy(torch.autograd.Function):
     """Sum over view pairs, partitions and samples of the partition cross-entropy (not yet averaged).
 
     zs_all [V, G, D], zt_all [2, G, D]: the global batch's embeddings; memory [D, Kl]: this rank's
-    slots; part [Kl]: their partition ids (n_parts = unused). `chunk` samples are processed at a time;
-    with one chunk the logits are kept for the backward, otherwise recomputed there.
+    slots; part [Kl]: their partition ids (n_parts = unused). `chunk` samples are processed at a time.
+    The cross term sum_k pt[j,b,k] ls[i,b,k] = zs[i,b].q[j,b] / t_s goes through the teacher targets
+    pulled back to embedding space, q[j,b] = sum_k pt[j,b,k] m_k (this rank's slots), so the only
+    [rows, Kl] buffer kept for the backward is the student's exponentials when there is one chunk;
+    with several, the backward recomputes them chunk by chunk.
     """
 
     @staticmethod
-    def _exp_logits(z, memory, temp):
-        logits = z @ memory / temp
-        bound = z.norm(dim=-1, keepdim=True) / temp
-        return logits, torch.exp(logits - bound)
-
-    @staticmethod
     def forward(ctx, zs_all, zt_all, memory, part, n_parts, student_temp, teacher_temp, group, chunk):
-        V, G, _ = zs_all.shape
+        V, G, D = zs_all.shape
         onehot = torch.zeros(part.numel(), n_parts + 1, dtype=memory.dtype, device=memory.device)
         onehot.scatter_(1, part[:, None], 1.0)
         onehot = onehot[:, :n_parts]
         chunks = [slice(a, min(a + chunk, G)) for a in range(0, G, chunk)]
+        one_pass = len(chunks) == 1
 
-        def compute(sl):
-            ls, es = _PartitionCrossEntropy._exp_logits(zs_all[:, sl], memory, student_temp)
-            _, et = _PartitionCrossEntropy._exp_logits(zt_all[:, sl], memory, teacher_temp)
-            return ls, es, et
-
-        sums_s = zs_all.new_empty(V, G, n_parts)
-        sums_t = zs_all.new_empty(2, G, n_parts)
-        cache = None
+        # Per (row, partition) sums of exp(l - bound) over this rank's slots, then over all ranks.
+        sums_s, sums_t = zs_all.new_empty(V, G, n_parts), zs_all.new_empty(2, G, n_parts)
         for sl in chunks:
-            ls, es, et = compute(sl)
+            es = _exp_logits(zs_all[:, sl], memory, student_temp)
             sums_s[:, sl] = es @ onehot
+            et = _exp_logits(zt_all[:, sl], memory, teacher_temp)
             sums_t[:, sl] = et @ onehot
-            if len(chunks) == 1:
-                cache = (ls, es, et)
+            kept = (es, et) if one_pass else None
+            del es, et  # release a chunk's buffers before the next chunk allocates its own
         sums = torch.cat([sums_s.flatten(), sums_t.flatten()])
         if group is not None:
             dist.all_reduce(sums, group=group)
@@ -96,12 +107,14 @@ class _PartitionCrossEntropy(torch.autograd.Function):
         inv_s = torch.cat([sums_s.reciprocal(), pad.expand(V, G, 1)], -1)
         inv_t = torch.cat([sums_t.reciprocal(), pad.expand(2, G, 1)], -1)
 
-        cross = zs_all.new_zeros(())
+        q = zt_all.new_empty(2, G, D)
         for sl in chunks:
-            ls, es, et = cache if cache is not None else compute(sl)
-            pt = et * inv_t[:, sl].index_select(-1, part)
-            target_sum = pt[0] + pt[1]
-            cross = cross + (target_sum * ls.sum(0)).sum() - (pt * ls[:2]).sum()
+            pt = kept[1] if one_pass else _exp_logits(zt_all[:, sl], memory, teacher_temp)
+            q[:, sl] = _scale_by_partition_(pt, inv_t[:, sl], part) @ memory.T
+            del pt
+        student_exp = kept[0] if one_pass and ctx.needs_input_grad[0] else None  # kept for the backward
+        del kept
+        cross = ((zs_all * (q[0] + q[1])).sum() - (zs_all[:2] * q).sum()) / student_temp
         if group is not None:
             dist.all_reduce(cross, group=group)
 
@@ -110,25 +123,24 @@ class _PartitionCrossEntropy(torch.autograd.Function):
         weights = _view_weights(V, zs_all)
         total = (weights * logz_s.sum((1, 2))).sum() - cross
 
-        ctx.save_for_backward(zs_all, zt_all, memory, part, inv_s, inv_t)
-        ctx.cache, ctx.chunks, ctx.temps, ctx.compute = cache, chunks, (student_temp, teacher_temp), compute
+        ctx.save_for_backward(zs_all, memory, part, inv_s, q)
+        ctx.chunks, ctx.student_temp, ctx.student_exp = chunks, student_temp, student_exp
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        zs_all, zt_all, memory, part, inv_s, inv_t = ctx.saved_tensors
-        student_temp, _ = ctx.temps
-        weights = _view_weights(zs_all.shape[0], zs_all)[:, None, None]
+        zs_all, memory, part, inv_s, q = ctx.saved_tensors
         grad_zs = torch.empty_like(zs_all)
         for sl in ctx.chunks:
-            ls, es, et = ctx.cache if ctx.cache is not None else ctx.compute(sl)
-            ps = es * inv_s[:, sl].index_select(-1, part)
-            pt = et * inv_t[:, sl].index_select(-1, part)
-            dlogits = weights * ps - (pt[0] + pt[1])
-            dlogits[:2] += pt  # view i < 2 is not paired with teacher view i
-            grad_zs[:, sl] = dlogits @ memory.T
-        ctx.cache = ctx.compute = None
-        return grad_zs * (grad_total / student_temp), None, None, None, None, None, None, None, None
+            es = ctx.student_exp if ctx.student_exp is not None else _exp_logits(zs_all[:, sl], memory, ctx.student_temp)
+            ctx.student_exp = None  # scaled in place below: a second backward recomputes it
+            grad_zs[:, sl] = _scale_by_partition_(es, inv_s[:, sl], part) @ memory.T
+            del es
+        # d total / d zs_i = (c_i sum_k ps_i,k m_k - sum_{j != i} q_j) / t_s on this rank's slots;
+        # the all-gather's backward sums the ranks' parts.
+        grad_zs.mul_(_view_weights(zs_all.shape[0], zs_all)[:, None, None]).sub_(q[0] + q[1])
+        grad_zs[:2] += q
+        return grad_zs * (grad_total / ctx.student_temp), None, None, None, None, None, None, None, None
 
 
 def massl_loss(

@@ -1,6 +1,7 @@
 """The training loop: the same for every engine and data source (architecture.md's data flow)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -32,10 +33,25 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
+def _rng_states(env: DistEnv) -> list[dict]:
+    """Every rank's RNG state, in rank order (collective), so that the main rank can save them all."""
+    local = _rng_state(env.device)
+    if env.world_size == 1:
+        return [local]
+    states: list = [None] * env.world_size
+    torch.distributed.all_gather_object(states, local, group=env.group)
+    return states
+
+
+def _restore_rng(states: list[dict], env: DistEnv, seed: int, step: int) -> None:
+    """This rank's saved state; from a run of another world size, a state derived from (seed, step, rank)."""
+    if len(states) != env.world_size:
+        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}-{step}-{env.rank}".encode()).digest()[:8], "little"))
+        return
+    state = states[env.rank]
     torch.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    if env.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), env.device)
 
 
 def _resume_dir(cfg: Config, ckpt: CheckpointManager):
@@ -85,7 +101,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     if resume_from:
         trainer_state = engine.load(resume_from, memory)
         step = int(trainer_state["step"])
-        _set_rng_state(trainer_state["rng"], env.device)
+        _restore_rng(trainer_state["rng"], env, cfg.run.seed, step)
     logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, total_steps, step)
     logger.message(f"massl: engine {engine.name}, {env.world_size} rank(s) on {env.device.type}, precision "
                    f"{engine.precision}, global batch {global_batch}, {ipe} steps/epoch, steps {step} -> {stop}"
@@ -93,7 +109,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
 
     def save_checkpoint() -> None:
         check_finite()
-        trainer_state = {"step": step, "rng": _rng_state(env.device)}
+        trainer_state = {"step": step, "rng": _rng_states(env)}
         ckpt.save(step, lambda d: engine.save(d, memory, trainer_state),
                   meta={"format": engine.checkpoint_format, "engine": engine.name, "world_size": env.world_size,
                         "epoch": step // ipe, "config": cfg.to_dict()})

@@ -13,7 +13,7 @@ def digits_dir(tmp_path_factory):
     from data_tools.digits import write_digits
 
     root = tmp_path_factory.mktemp("digits")
-    write_digits(str(root))
+    write_digits(str(root), size=32)  # as the quickstart writes them
     return str(root)
 
 

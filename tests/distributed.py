@@ -8,6 +8,7 @@ a picklable value (CPU tensors are fine). A failure in any rank raises with its 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -30,7 +31,8 @@ def _entry(fn, rank, world, port, queue, args, env):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        result = fn(rank, world, *args)
+        # Pickled here: tensors put on the queue as-is travel as shared memory that dies with this process.
+        result = pickle.dumps(fn(rank, world, *args))
         dist.barrier()
         queue.put((rank, "ok", result))
     except BaseException:
@@ -54,7 +56,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, env: dict | No
         for _ in range(world_size):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break

@@ -1,20 +1,23 @@
 """Engines: how student and teacher are parallelised. `build_engine` picks one by `engine.name`."""
 from __future__ import annotations
 
+from ..checkpoint import read_manifest
 from ..config import Config
 from ..dist import DistEnv
-from ..checkpoint import read_manifest
 from .base import Engine
+from .ddp import DDPEngine
+from .fsdp import FSDPEngine
 
+ENGINES = {cls.name: cls for cls in (Engine, DDPEngine, FSDPEngine)}
 # checkpoint format (manifest "format") -> engine class that can read it
-FORMATS = {Engine.checkpoint_format: Engine}
+FORMATS = {cls.checkpoint_format: cls for cls in (Engine, FSDPEngine)}
 
 
 def build_engine(cfg: Config, env: DistEnv, student, teacher) -> Engine:
     name = cfg.engine.name
-    if name == "single":
-        return Engine(cfg, env, student, teacher)
-    raise NotImplementedError(f"engine.name={name!r} is not available yet")
+    if name not in ENGINES:
+        raise NotImplementedError(f"engine.name={name!r} is not available yet; use one of {', '.join(ENGINES)}")
+    return ENGINES[name](cfg, env, student, teacher)
 
 
 def load_teacher_state_dict(checkpoint_dir: str) -> dict:
@@ -25,4 +28,4 @@ def load_teacher_state_dict(checkpoint_dir: str) -> dict:
     return FORMATS[fmt].read_teacher_state_dict(checkpoint_dir)
 
 
-__all__ = ["Engine", "build_engine", "load_teacher_state_dict"]
+__all__ = ["Engine", "DDPEngine", "FSDPEngine", "build_engine", "load_teacher_state_dict"]

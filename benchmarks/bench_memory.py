@@ -1,0 +1,223 @@
+"""Time and peak memory per rank of the MaSSL loss path, memory sharded vs replicated.
+
+One step of the loss path = draw the step's permutation, massl_loss forward + backward, enqueue
+of teacher view 1; its time is the fastest of the timed steps (after warm-up) of the slowest rank. Embeddings are random unit vectors (no network). Each configuration runs in
+fresh processes (W ranks, gloo on CPU, NCCL on CUDA; W = 1 runs without a process group), so
+its peak is its own:
+
+- CPU: the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs before
+  each step) minus the resident set before the step, i.e. what the loss path adds on top of the
+  bank and the inputs; the largest over the timed steps and ranks. The ranks run with glibc's
+  mmap threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the
+  resident set at once instead of staying in the heap and hiding the next step's peak.
+- CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the step.
+
+The replicated layout (`memory.sharded: false`) at the same W, unchunked, is the reference of
+the ratios; at W = 1 the two layouts are the same computation ("single").
+
+    python benchmarks/bench_memory.py                      # CPU, W = 1 and 2, about 3 minutes
+    python benchmarks/bench_memory.py --device cuda        # one GPU: W = 1, chunking
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import socket
+import time
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+class _PeakMemory:
+    """Peak bytes the code inside `with` adds, on the device the benchmark runs on."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            self.before = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.before
+        else:
+            self.peak = _status_kib("VmHWM") * 1024 - self.before
+
+
+def _rank(rank, world, port, cfg, queue):
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from massl.loss import massl_loss, random_partition_perm
+    from massl.memory import MemoryBank
+
+    torch.set_num_threads(cfg["threads"])
+    if cfg["device"] == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    group = None
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        group = dist.group.WORLD
+    sharded = cfg["mode"] == "sharded"
+    memory = MemoryBank(cfg["dim"], cfg["size"], group=group, sharded=sharded, seed=0, device=device)
+    g = torch.Generator(device=device).manual_seed(rank)
+    views, batch, dim = cfg["views"], cfg["batch"], cfg["dim"]
+    zs = F.normalize(torch.randn(views, batch, dim, generator=g, device=device), dim=-1).requires_grad_()
+    zt = F.normalize(torch.randn(2, batch, dim, generator=g, device=device), dim=-1)
+
+    def barrier():
+        if group is not None:
+            dist.barrier(group)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times, peaks = [], []
+    for step in range(cfg["warmup"] + cfg["iters"]):
+        zs.grad = None
+        barrier()
+        with _PeakMemory(device) as peak:
+            start = time.perf_counter()
+            perm = random_partition_perm(cfg["size"], 0, step, device)
+            loss = massl_loss(zs, zt, memory.bank, perm, cfg["partition_size"], 0.1, 0.04,
+                              group=group if sharded else None, chunk_rows=cfg["chunk_rows"])
+            loss.backward()
+            memory.enqueue(zt[1])
+            barrier()
+            elapsed = time.perf_counter() - start
+        if step >= cfg["warmup"]:
+            times.append(elapsed)
+            peaks.append(peak.peak)
+    # The fastest timed step: the machine may be shared, and other users only ever add time.
+    queue.put((rank, min(times), max(peaks), memory.bank.numel() * memory.bank.element_size()))
+    if group is not None:
+        dist.destroy_process_group()
+
+
+def run_config(cfg: dict) -> dict:
+    """Run one configuration in `cfg['world']` fresh processes; the slowest / largest rank counts."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # read by glibc when a rank starts
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_rank, args=(r, cfg["world"], port, cfg, queue)) for r in range(cfg["world"])]
+    for p in procs:
+        p.start()
+    try:
+        results = [queue.get(timeout=cfg["timeout"]) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if any(p.exitcode for p in procs):
+        raise RuntimeError(f"benchmark configuration {cfg} failed (exit codes {[p.exitcode for p in procs]})")
+    return {"ms": 1000 * max(r[1] for r in results), "peak_mib": max(r[2] for r in results) / 2**20,
+            "bank_mib": max(r[3] for r in results) / 2**20}
+
+
+def _configs(args) -> list[dict]:
+    base = {k: getattr(args, k) for k in ("device", "size", "dim", "views", "batch", "partition_size",
+                                          "iters", "warmup", "threads", "timeout")}
+    configs = []
+    for world in args.worlds:
+        modes = ("single",) if world == 1 else ("replicated", "sharded")
+        for mode in modes:
+            for chunk in args.chunk_rows if mode != "replicated" else (0,):
+                configs.append({**base, "world": world, "mode": mode, "chunk_rows": chunk})
+    return configs
+
+
+def _machine(device: str) -> str:
+    import torch
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:
+        names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+    return f"{names[0] if names else cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main(argv=None) -> None:
+    def ints(text):
+        return [int(x) for x in text.split(",")]
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--worlds", type=ints, default=None, help="comma list of W (default cpu: 1,2; cuda: 1)")
+    parser.add_argument("--chunk-rows", type=ints, default=[0, 192], help="memory.chunk_rows values (0: unchunked)")
+    parser.add_argument("--size", type=int, default=131072, help="K")
+    parser.add_argument("--dim", type=int, default=256, help="D")
+    parser.add_argument("--views", type=int, default=12, help="V")
+    parser.add_argument("--batch", type=int, default=64, help="images per rank")
+    parser.add_argument("--partition-size", type=int, default=16384, help="P")
+    parser.add_argument("--iters", type=int, default=2, help="timed steps (the fastest counts)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/bench_memory_<device>.json)")
+    args = parser.parse_args(argv)
+    args.worlds = args.worlds or ([1, 2] if args.device == "cpu" else [1])
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"bench_memory_{args.device}.json")
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    header = f"{'mode':<10} {'W':>2} {'chunk_rows':>10} {'ms/step':>9} {'x ref':>6} {'peak MiB/rank':>13} {'x ref':>6} {'bank MiB/rank':>13}"
+    print(f"loss path (perm + massl_loss fwd+bwd + enqueue), K={args.size} D={args.dim} V={args.views} "
+          f"B={args.batch}/rank P={args.partition_size}, {args.device}\n{header}")
+    for cfg in _configs(args):
+        result = {"world": cfg["world"], "mode": cfg["mode"], "chunk_rows": cfg["chunk_rows"], **run_config(cfg)}
+        ref = next(r for r in rows + [result] if r["world"] == result["world"] and r["chunk_rows"] == 0)
+        result["ms_ratio"] = result["ms"] / ref["ms"]
+        result["peak_ratio"] = result["peak_mib"] / ref["peak_mib"]
+        rows.append(result)
+        print(f"{result['mode']:<10} {result['world']:>2} {result['chunk_rows']:>10} {result['ms']:>9.0f} "
+              f"{result['ms_ratio']:>6.2f} {result['peak_mib']:>13.0f} {result['peak_ratio']:>6.2f} "
+              f"{result['bank_mib']:>13.0f}", flush=True)
+
+    report = {
+        "benchmark": "loss path: random_partition_perm + massl_loss forward+backward + enqueue",
+        "date": datetime.date.today().isoformat(), "machine": _machine(args.device),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: other users
+        "peak_memory": ("CUDA max_memory_allocated above the allocation before the step" if args.device == "cuda"
+                        else "VmHWM above VmRSS before the step (reset via /proc/self/clear_refs), fresh processes"),
+        "settings": {k: getattr(args, k) for k in ("device", "size", "dim", "views", "batch", "partition_size",
+                                                   "iters", "warmup", "threads")},
+        "reference": "replicated (or single at W=1), chunk_rows 0, same W",
+        "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

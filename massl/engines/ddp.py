@@ -1,0 +1,23 @@
+"""`ddp`: the student replicated with DistributedDataParallel (gradients averaged over ranks).
+
+The teacher stays a plain module: it is never trained by gradients, and the EMA keeps every
+replica identical because every rank applies it to the same averaged student. BatchNorm in the
+heads is synchronised (wrapping.py), so its buffers stay identical too. Checkpoints are the single engine's format, written by the main rank.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .base import Engine, process_group
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def parallelize(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
+        device_ids = [self.env.device] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(student, device_ids=device_ids, process_group=process_group(self.env)), teacher
+
+    def student_module(self) -> nn.Module:
+        return self.student.module

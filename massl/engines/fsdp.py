@@ -1,0 +1,105 @@
+"""`fsdp`: student and teacher sharded with FSDP2 (`fully_shard`), identically.
+
+Each transformer block is its own FSDP unit and the root holds the rest (embeddings, final norm,
+head). Parameters are DTensors sharded on dim 0 over a 1-D mesh of all ranks; the optimiser,
+gradient clipping and the teacher EMA work on the local shards only, so no rank ever holds a
+full copy outside a block's forward. Checkpoints go through torch.distributed.checkpoint
+(dcp_io.py) and load at any world size.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
+
+from . import dcp_io
+from .base import DTYPES, Engine, process_group
+
+
+def _reshard(module, args, output):
+    # FSDP2 leaves the root unsharded after forward, expecting backward to follow; the teacher's
+    # forward has none, and its EMA and checkpoints need the sharded DTensors back (pitfalls.md #3).
+    module.reshard()
+
+
+def _reshard_without_grad(module, args, output):
+    # the student, when run for evaluation: no backward will follow a forward without grad
+    if not torch.is_grad_enabled():
+        module.reshard()
+
+
+def local_shards(tensors) -> list[torch.Tensor]:
+    """The local shard of each DTensor; refuses anything else (an unsharded root, pitfalls.md #3)."""
+    out = []
+    for t in tensors:
+        if not isinstance(t, DTensor):
+            raise RuntimeError("FSDP: expected sharded DTensor parameters/gradients, found a plain tensor "
+                               "(a root module left unsharded after forward?)")
+        out.append(t.to_local())
+    return out
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+    checkpoint_format = dcp_io.FORMAT
+
+    def __init__(self, cfg, env, student, teacher):
+        self.group = process_group(env)
+        self.mesh = DeviceMesh.from_group(self.group, env.device.type)
+        super().__init__(cfg, env, student, teacher)
+
+    def make_scaler(self) -> ShardedGradScaler:
+        # an inf/nan in any rank's gradient shard must skip the step on every rank
+        return ShardedGradScaler(self.env.device.type, process_group=self.group)
+
+    @property
+    def grad_group(self):
+        return self.group
+
+    def mp_policy(self) -> MixedPrecisionPolicy:
+        """Low-precision parameters for compute with fp32 gradient reduction; fp32 keeps fp32."""
+        if self.precision == "fp32":
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=DTYPES[self.precision], reduce_dtype=torch.float32)
+
+    def parallelize(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
+        # SSLNet returns a view of its output; the loop never modifies it in place, which is all
+        # that FSDP2's warning about views is about.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPSSLNet\) returned a view tensor")
+        policy = self.mp_policy()
+        for model in (student, teacher):
+            for block in model.backbone.blocks:
+                fully_shard(block, mesh=self.mesh, mp_policy=policy)
+            fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        teacher.register_forward_hook(_reshard)
+        student.register_forward_hook(_reshard_without_grad)
+        return student, teacher
+
+    def autocast(self):
+        # The mixed-precision policy casts parameters and inputs; autocast on top would re-cast per op.
+        return contextlib.nullcontext()
+
+    def student_params(self) -> list[torch.Tensor]:
+        return local_shards(self.student.parameters())
+
+    def teacher_params(self) -> list[torch.Tensor]:
+        return local_shards(self.teacher.parameters())
+
+    def local_grads(self) -> list[torch.Tensor]:
+        return local_shards(p.grad for p in self.student.parameters() if p.grad is not None)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    read_teacher_state_dict = staticmethod(dcp_io.read_teacher_state_dict)
+
+    def save(self, directory: str, memory, trainer_state: dict) -> None:
+        dcp_io.save(self, directory, memory, trainer_state)
+
+    def load(self, directory: str, memory) -> dict:
+        self.check_format(directory)
+        return dcp_io.load(self, directory, memory)

@@ -1,0 +1,39 @@
+"""A training process for the kill test, launched by torchrun:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.engines_worker CONFIG HOLD_STEP MARKERS
+
+trains as `massl.train.train` does. Each rank writes its process id to MARKERS/pid.<rank> (torchrun
+starts the ranks in their own sessions: the test kills them by id). With HOLD_STEP > 0, each rank
+stops inside the checkpoint write of that step (its files written, the checkpoint not yet
+sealed), drops MARKERS/held.<rank> and waits there to be killed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from massl.config import load_config
+from massl.engines.fsdp import FSDPEngine
+from massl.train import train
+
+
+def hold_inside_checkpoint_write(step: int, markers: str) -> None:
+    write = FSDPEngine.save
+
+    def write_then_hold(self, directory, memory, trainer_state):
+        write(self, directory, memory, trainer_state)
+        if trainer_state["step"] == step:
+            open(os.path.join(markers, f"held.{self.env.rank}"), "w").close()
+            time.sleep(600)
+
+    FSDPEngine.save = write_then_hold
+
+
+if __name__ == "__main__":
+    config, hold_step, markers = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    with open(os.path.join(markers, f"pid.{os.environ['RANK']}"), "w") as f:
+        f.write(str(os.getpid()))
+    if hold_step > 0:
+        hold_inside_checkpoint_write(hold_step, markers)
+    train(load_config(config))

@@ -1,0 +1,43 @@
+"""A short MaSSL run on the real digits lowers the loss and beats random initialisation on k-NN.
+
+About 80 s on one CPU core: 600 steps of the quickstart recipe with a smaller memory that the
+model's own embeddings fill after 32 steps, so the loss is comparable from then on.
+"""
+import json
+import os
+
+import torch
+
+from massl.config import load_config
+from massl.eval.features import eval_transform, extract_features, load_backbone
+from massl.eval.knn import knn_classify
+from massl.train import train
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")
+
+
+def knn_top1(checkpoint, digits_dir, random_init):
+    backbone, cfg = load_backbone(checkpoint, random_init=random_init)
+    tf = eval_transform(cfg, crop_ratio=1.0)
+    train_f, train_y, _ = extract_features(backbone, os.path.join(digits_dir, "train"), tf, num_workers=0, progress=False)
+    val_f, val_y, _ = extract_features(backbone, os.path.join(digits_dir, "val"), tf, num_workers=0, progress=False)
+    return knn_classify(train_f, train_y, val_f, val_y, k=20, temperature=0.07)["top1"]
+
+
+def test_short_digits_run_learns(digits_dir, tmp_path):
+    out = str(tmp_path / "digits")
+    cfg = load_config(CONFIG, [f"data.path={digits_dir}/train", f"run.output_dir={out}", "run.threads=1",
+                               "data.num_workers=0", "optim.epochs=15", "optim.warmup_epochs=1",
+                               "memory.size=1024", "memory.partition_size=256", "run.log_every=20",
+                               "run.tensorboard=false"])
+    train(cfg)
+    losses = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+    assert max(losses) == 600
+    early = [v for s, v in losses.items() if 100 <= s <= 200]  # memory full, warm-up over
+    late = [v for s, v in losses.items() if s > 500]
+    assert sum(late) / len(late) < sum(early) / len(early) - 0.1, losses
+
+    torch.set_num_threads(1)
+    trained = knn_top1(out, digits_dir, random_init=False)
+    random_init = knn_top1(out, digits_dir, random_init=True)
+    assert trained > random_init + 0.08, (trained, random_init)

@@ -1,0 +1,45 @@
+"""CUDA checks, run by benchmarks/gpu_check.sh on a GPU machine (skipped where no GPU is visible).
+
+The loss on the device against the float64 CPU reference, and short training runs in bf16 and
+fp16 (grad scaler) with the single and fsdp engines, whose first-step losses must agree with fp32.
+"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from massl.loss import massl_loss, random_partition_perm
+from massl.train import train
+from tests.reference import massl_loss_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_loss_on_device_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    zs = F.normalize(torch.randn(4, 6, 16, generator=g, dtype=torch.float64), dim=-1)
+    zt = F.normalize(torch.randn(2, 6, 16, generator=g, dtype=torch.float64), dim=-1)
+    memory = F.normalize(torch.randn(16, 96, generator=g, dtype=torch.float64), dim=0)
+    perm = random_partition_perm(96, 0, 3, torch.device("cuda"))
+    zs_dev = zs.float().cuda().requires_grad_()
+    loss = massl_loss(zs_dev, zt.float().cuda(), memory.float().cuda(), perm, 24, 0.1, 0.04)
+    loss.backward()
+    zs_ref = zs.clone().requires_grad_()
+    ref = massl_loss_reference(zs_ref, zt, memory, perm.cpu(), 24, 0.1, 0.04)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    assert torch.allclose(zs_dev.grad.double().cpu(), zs_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine,precision", [("single", "bf16"), ("single", "fp16"), ("fsdp", "bf16")])
+def test_short_cuda_run(tiny_config, tmp_path, engine, precision):
+    losses = {}
+    for prec in ("fp32", precision):
+        out = str(tmp_path / prec)
+        train(tiny_config("run.device=cuda", f"run.precision={prec}", f"engine.name={engine}", "run.max_steps=4",
+                          output_dir=out))
+        losses[prec] = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(map(lambda v: v == v and abs(v) < 1e3, losses[precision]))
+    assert abs(losses[precision][0] - losses["fp32"][0]) < 0.05 * abs(losses["fp32"][0])
