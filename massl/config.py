@@ -118,7 +118,7 @@ class DataConfig:
     global_crops_scale: list = field(default_factory=lambda: [0.32, 1.0])
     local_crops_scale: list = field(default_factory=lambda: [0.05, 0.32])
     local_crops_number: int = 10
-    gpu_augment: bool = False
+    gpu_augment: str = "auto"  # auto (on with CUDA) | true | false
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -155,6 +155,7 @@ CHOICES = {
     "optim.name": ("adamw", "sgd", "lars"),
     "optim.clip_mode": ("per_param", "global"),
     "data.source": ("imagefolder", "webdataset"),
+    "data.gpu_augment": ("auto", "true", "false"),
     "data.aug.interpolation": ("bicubic", "bilinear"),
     "engine.name": ("single", "ddp", "fsdp"),
     "engine.activation_checkpointing": ("none", "full", "every_k"),
@@ -192,6 +193,8 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if value is None:
             return ""
+        if isinstance(value, bool):  # YAML true/false for a key that also takes "auto"
+            return "true" if value else "false"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)

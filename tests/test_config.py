@@ -48,6 +48,7 @@ BAD = [
     (["data.source=webdataset"], "data.urls"),
     (["run.resume=/no/such/checkpoint"], "run.resume"),
     (["optim.min_lr=1"], "optim.min_lr"),
+    (["data.gpu_augment=maybe"], "data.gpu_augment"),
 ]
 
 

@@ -188,3 +188,15 @@ def test_training_with_gpu_augment_on_cpu(tiny_config):
     cpu_batch = next(iter(on_cpu.epoch(0)))
     for a, b in zip(on_device.prepare(batch, torch.device("cpu")), on_cpu.prepare(cpu_batch, torch.device("cpu"))):
         assert a.shape == b.shape and (a - b).abs().mean() < 0.1  # normalised units
+
+
+def test_gpu_augment_auto_follows_the_device(tiny_config):
+    """auto: photometric ops on the device only when it is CUDA; YAML booleans force it."""
+    from massl.data import build_data
+
+    assert tiny_config().data.gpu_augment == "auto"
+    for value, device, expected in (("auto", "cpu", False), ("auto", "cuda", True), ("true", "cpu", True),
+                                    ("false", "cuda", False)):
+        source = build_data(tiny_config(f"data.gpu_augment={value}"), 0, 1, device)
+        assert (source.prepare.augment is not None) == expected, (value, device)
+        source.close()

@@ -11,13 +11,15 @@ from .folder import ImageFolderSource
 def build_data(cfg: Config, rank: int, world: int, device_type: str = "cpu"):
     d = cfg.data
     pin = device_type == "cuda"
+    # auto: photometric ops on the GPU when there is one (the CPU then only decodes and crops)
+    on_device = d.gpu_augment == "true" or (d.gpu_augment == "auto" and device_type == "cuda")
     if d.source == "imagefolder":
-        return ImageFolderSource(d, cfg.run.seed, rank, world, pin_memory=pin)
+        return ImageFolderSource(d, cfg.run.seed, rank, world, pin_memory=pin, gpu_augment=on_device)
     if d.source == "webdataset":
         from .webdataset import WebDatasetSource, require_webdataset  # webdataset is an optional dependency
 
         require_webdataset()
-        return WebDatasetSource(d, cfg.run.seed, rank, world, pin_memory=pin)
+        return WebDatasetSource(d, cfg.run.seed, rank, world, pin_memory=pin, gpu_augment=on_device)
     raise ValueError(f"data.source: unknown source {d.source!r}")
 
 

@@ -31,9 +31,9 @@ class DevicePrepare:
     """Batch -> V normalised float32 crop tensors on the device; with data.gpu_augment the
     photometric ops run there first (gpu_augment.py)."""
 
-    def __init__(self, d: DataConfig):
+    def __init__(self, d: DataConfig, on_device: bool = False):
         self.mean, self.std = list(d.aug.mean), list(d.aug.std)
-        self.augment = GpuAugment(self.mean, self.std) if d.gpu_augment else None
+        self.augment = GpuAugment(self.mean, self.std) if on_device else None
 
     def __call__(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
         out = []

@@ -91,9 +91,9 @@ class EpochSampler(torch.utils.data.Sampler):
 class ImageFolderSource:
     """DataSource over an image folder: `epoch(e, start)` yields Batches; `prepare` moves them to the device."""
 
-    def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False):
-        self.dataset = MultiCropFolder(d.path, MultiCropAugmentation(d), seed)
-        self.prepare = DevicePrepare(d)
+    def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False, gpu_augment: bool = False):
+        self.dataset = MultiCropFolder(d.path, MultiCropAugmentation(d, photometric_on_device=gpu_augment), seed)
+        self.prepare = DevicePrepare(d, gpu_augment)
         self.sampler = EpochSampler(len(self.dataset), d.batch_size, rank, world, seed)
         if self.sampler.iters_per_epoch == 0:
             raise ValueError(f"data.path {d.path!r} has {len(self.dataset)} images, fewer than one global batch "

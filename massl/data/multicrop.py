@@ -213,9 +213,9 @@ class MultiCropAugmentation:
     """PIL image (opened, not necessarily decoded) -> V uint8 crops [3, H, W] and, with
     `photometric_on_device`, the V x NUM_PARAMS parameter rows that gpu_augment.py applies."""
 
-    def __init__(self, d: DataConfig, photometric_on_device: Optional[bool] = None):
+    def __init__(self, d: DataConfig, photometric_on_device: bool = False):
         self.d, self.a = d, d.aug
-        self.on_device = d.gpu_augment if photometric_on_device is None else photometric_on_device
+        self.on_device = photometric_on_device
         self.mode = self.a.interpolation  # bicubic | bilinear (torch modes; antialiased like PIL)
         a = self.a
         glob = (d.global_crop_size, tuple(d.global_crops_scale))

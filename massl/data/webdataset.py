@@ -148,7 +148,7 @@ def _identity(batch):
 class WebDatasetSource:
     """DataSource over tar shards: `epoch(e, start)` yields this rank's Batches, `prepare` moves them."""
 
-    def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False):
+    def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False, gpu_augment: bool = False):
         self.urls = expand_urls(d.urls)
         if not self.urls:
             raise ValueError(f"data.urls: {d.urls!r} names no shards")
@@ -166,8 +166,8 @@ class WebDatasetSource:
                              f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
         self.d, self.seed, self.rank, self.world = d, seed, rank, world
         self.batch, self.workers, self.buffer = d.batch_size, max(1, d.num_workers), max(1, d.shuffle_buffer)
-        self.aug = MultiCropAugmentation(d)
-        self.prepare = DevicePrepare(d)
+        self.aug = MultiCropAugmentation(d, photometric_on_device=gpu_augment)
+        self.prepare = DevicePrepare(d, gpu_augment)
         self.pin_memory = pin_memory
         self._loader_iter = None
         if rank == 0 and len(self.urls) < world * self.workers:
