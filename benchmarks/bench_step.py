@@ -18,7 +18,6 @@ import gc
 import itertools
 import json
 import os
-import resource
 import sys
 import time
 
@@ -29,9 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from massl.config import Config  # noqa: E402
 from massl.dist import DistEnv  # noqa: E402
 from massl.engines import build_engine  # noqa: E402
-from massl.loss import massl_loss, random_partition_perm  # noqa: E402
+from massl.logging import peak_memory_gib  # noqa: E402
 from massl.memory import MemoryBank  # noqa: E402
 from massl.models import build_student_teacher  # noqa: E402
+from massl.train import train_step  # noqa: E402
+
+HPARAMS = {"lr": 1e-4, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.07}  # fixed: no schedules here
 
 
 def make_config(args, arch: str, engine: str, ac: str) -> Config:
@@ -53,27 +55,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process-wide high-water mark on CPU
-
-
-def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int) -> torch.Tensor:
-    """What massl.train runs per step, with fixed hyper-parameters."""
-    with engine.autocast():
-        zs = engine.student(crops)
-        with torch.no_grad():
-            zt = engine.teacher(crops[:2])
-    perm = random_partition_perm(cfg.memory.size, cfg.run.seed, step, zs.device)
-    loss = massl_loss(zs, zt, memory.bank, perm, cfg.memory.partition_size, cfg.loss.student_temp,
-                      cfg.loss.teacher_temp, group=None, chunk_rows=cfg.memory.chunk_rows)
-    engine.backward(loss)
-    engine.step(lr=1e-4, wd=0.04, momentum=0.996)
-    memory.enqueue(zt[1])
-    return loss.detach()
-
-
 def measure(args, device: torch.device, arch: str, engine_name: str, ac: str) -> dict:
     cfg = make_config(args, arch, engine_name, ac)
     row = {"arch": arch, "engine": engine_name, "activation_checkpointing": ac, "batch": args.batch}
@@ -90,11 +71,11 @@ def measure(args, device: torch.device, arch: str, engine_name: str, ac: str) ->
         sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
         crops = [torch.randn(args.batch, 3, s, s, device=device, generator=g) for s in sizes]
         for step in range(args.warmup):
-            train_step(engine, memory, crops, cfg, step)
+            train_step(engine, memory, crops, cfg, step, HPARAMS)
         synchronize(device)
         start = time.perf_counter()
         for step in range(args.warmup, args.warmup + args.steps):
-            loss = train_step(engine, memory, crops, cfg, step)
+            loss = train_step(engine, memory, crops, cfg, step, HPARAMS)["loss"]
         synchronize(device)
         seconds = (time.perf_counter() - start) / args.steps
         row.update(precision=engine.precision, step_ms=1000 * seconds, img_per_s=args.batch / seconds,

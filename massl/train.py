@@ -54,6 +54,34 @@ def _restore_rng(states: list[dict], env: DistEnv, seed: int, step: int) -> None
         torch.cuda.set_rng_state(state["cuda"].cpu(), env.device)
 
 
+def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, h: dict,
+               loss_group=None, backward_scale: float = 1.0, monitor: bool = False) -> dict:
+    """One MaSSL step (method.md steps 1-9): student on all crops, teacher on the global ones, the
+    loss against the memory *before* this step's update, backward, clip + optimiser + teacher EMA
+    (the engine), then the enqueue of teacher view 1. `h`: the schedules' values at `step`.
+    Returns device scalars (no host sync): loss (with KoLeo), grad_norm, and with `monitor` the
+    agreement of method.md and the KoLeo term."""
+    with engine.autocast():
+        zs = engine.student(crops)
+        with torch.no_grad():
+            zt = engine.teacher(crops[:2])
+    perm = random_partition_perm(cfg.memory.size, cfg.run.seed, step, zs.device)
+    loss = massl_loss(zs, zt, memory.bank, perm, cfg.memory.partition_size, cfg.loss.student_temp,
+                      h["teacher_temp"], group=loss_group, chunk_rows=cfg.memory.chunk_rows)
+    out = {}
+    if cfg.loss.koleo_weight > 0:  # no work at all at weight 0
+        out["koleo"] = 0.5 * (koleo_loss(zs[0], loss_group) + koleo_loss(zs[1], loss_group))
+        loss = loss + cfg.loss.koleo_weight * out["koleo"]
+    engine.backward(loss * backward_scale)
+    out["grad_norm"] = engine.step(h["lr"], h["wd"], h["momentum"])
+    out["loss"] = loss.detach()
+    if monitor:
+        out["agree_top1"], out["agree_top5"] = partition_agreement(
+            zs[0].detach(), zt[1], memory.bank, perm, cfg.memory.partition_size, loss_group)
+    memory.enqueue(zt[1])
+    return {k: v.detach() for k, v in out.items()}
+
+
 def _resume_dir(cfg: Config, ckpt: CheckpointManager):
     if cfg.run.resume == "never":
         return None
@@ -123,7 +151,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                 f"the loss became non-finite at step {first.item()}; the last complete checkpoint in "
                 f"{ckpt.root} is intact. Lower optim.lr, raise optim.warmup_epochs, or use run.precision=fp32")
 
-    loss_sum = torch.zeros((), device=env.device)
+    loss_sum, window = torch.zeros((), device=env.device), 0  # loss summed over the steps since the last log
     skipped = torch.zeros((), device=env.device)
     summary = {"step": step}
     last_saved = step if resume_from else -1
@@ -134,46 +162,27 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
             for batch in data.epoch(epoch, start):
                 crops = data.prepare(batch, env.device)
                 h = sched.at(step)
-                with engine.autocast():
-                    zs = engine.student(crops)
-                    with torch.no_grad():
-                        zt = engine.teacher(crops[:2])
-                perm = random_partition_perm(cfg.memory.size, cfg.run.seed, step, env.device)
-                loss = massl_loss(zs, zt, memory.bank, perm, cfg.memory.partition_size, cfg.loss.student_temp,
-                                  h["teacher_temp"], group=loss_group, chunk_rows=cfg.memory.chunk_rows)
-                total = loss
-                if cfg.loss.koleo_weight > 0:
-                    koleo = 0.5 * (koleo_loss(zs[0], loss_group) + koleo_loss(zs[1], loss_group))
-                    total = loss + cfg.loss.koleo_weight * koleo
-                engine.backward(total * backward_scale)
-                grad_norm = engine.step(h["lr"], h["wd"], h["momentum"])
                 log_now = (step + 1) % cfg.run.log_every == 0 or step + 1 == stop
-                if log_now:
-                    top1, top5 = partition_agreement(zs[0].detach(), zt[1], memory.bank, perm,
-                                                     cfg.memory.partition_size, loss_group)
-                memory.enqueue(zt[1])
-
-                total = total.detach()
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total), step, bad_step)
-                loss_sum += total
+                out = train_step(engine, memory, crops, cfg, step, h, loss_group, backward_scale, monitor=log_now)
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(out["loss"]), step, bad_step)
+                loss_sum += out["loss"]
+                window += 1
                 skipped += batch.skipped
                 step += 1
                 if log_now:
                     check_finite()
-                    n = (step - 1) % cfg.run.log_every + 1
-                    stats = torch.stack([loss_sum / n, skipped])
+                    stats = torch.stack([loss_sum / window, skipped])
                     if loss_group is None:  # replicated: every rank has its own loss; report the mean
                         all_reduce_(stats[:1], env.group)
                         stats[0] /= env.world_size
                     all_reduce_(stats[1:], env.group)
                     metrics = {"loss": stats[0].item(), "skipped_images": stats[1].item(), **h,
-                               "grad_norm": grad_norm.item(), "agree_top1": top1.item(),
-                               "agree_top5": top5.item(), "peak_mem_gib": peak_memory_gib(env.device)}
-                    if cfg.loss.koleo_weight > 0:
-                        metrics["koleo"] = koleo.item()
+                               "peak_mem_gib": peak_memory_gib(env.device),
+                               **{k: v.item() for k, v in out.items() if k != "loss"}}
                     logger.log(step, epoch, metrics, global_batch)
                     summary = {"step": step, **metrics}
                     loss_sum.zero_()
+                    window = 0
                 if (log_now or step % STOP_POLL_STEPS == 0) and step < stop and stop_signal.agreed():
                     logger.message(f"massl: stop signal received; checkpointing at step {step} and exiting")
                     stop = step
