@@ -110,7 +110,7 @@ class DataConfig:
     urls: str = ""  # webdataset shards: brace pattern, local paths or pipe: commands
     manifest: str = ""  # webdataset: manifest.json with per-shard counts ("": the one beside the local shards)
     samples_per_epoch: int = 0  # webdataset: 0 reads the count from the shards' manifest.json
-    shuffle_buffer: int = 5000  # webdataset sample shuffle buffer
+    shuffle_buffer: int = 2000  # webdataset: shuffle block per worker, in samples (held as encoded bytes)
     batch_size: int = 32  # per rank
     num_workers: int = 8
     global_crop_size: int = 224
