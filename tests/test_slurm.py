@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,16 +33,13 @@ MAX_STEPS = 120
 CHECKPOINT_EVERY = 1000
 DEADLINE_S = 120
 
-_missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(c) is None]
-pytestmark = pytest.mark.skipif(
-    bool(_missing) or os.geteuid() != 0,
-    reason=f"needs a local Slurm, run as root (missing: {', '.join(_missing) or 'root'}); "
-           "install with `apt-get install -y slurm-wlm munge` (.ci/run does this when it runs as root)")
-
-
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """Environment for Slurm clients (SLURM_CONF) of a cluster started here and always stopped."""
+    missing = [c for c in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(c) is None]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"needs a local Slurm, run as root (missing: {', '.join(missing) or 'root'}); install it "
+                    "with `apt-get install -y slurm-wlm munge` (.ci/run does this when it runs as root)")
     root = str(tmp_path_factory.mktemp("slurm"))
     env = {**os.environ, "SLURM_CONF": os.path.join(root, "slurm.conf")}
     try:
@@ -58,7 +56,7 @@ def _write_config(digits_dir: str, directory) -> str:
     """The tiny CPU config as a YAML file (train.sbatch takes one), engine ddp."""
     cfg = load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), str(directory / "unused")) + [
         "engine.name=ddp", f"run.max_steps={MAX_STEPS}", f"run.checkpoint_every={CHECKPOINT_EVERY}",
-        "optim.epochs=10"])
+        "optim.epochs=10", "data.num_workers=1"])  # Slurm signals the loader workers too
     path = str(directory / "tiny.yaml")
     with open(path, "w") as f:
         f.write(cfg.to_yaml())
@@ -172,3 +170,27 @@ def test_refused_requeue_keeps_training_and_scancel_still_checkpoints(slurm, dig
     assert summary["stopped_by_signal"] and summary["final_step"] == int(stopped[0]) >= logged + 10
     newest = CheckpointManager(out_dir, 3).latest_complete()
     assert newest.endswith(f"step_{int(stopped[0]):09d}")
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints(digits_dir, tmp_path):
+    """Slurm (like `kill -TERM -PGID`) signals every process of a task, the DataLoader workers
+    included: they must leave the stop to the training process, which checkpoints and exits 0
+    (no Slurm needed; before the fix the run died with "DataLoader worker ... killed by signal")."""
+    out = str(tmp_path / "group")
+    args = [sys.executable, "-m", "massl.cli"] + tiny_overrides(os.path.join(digits_dir, "train"), out) + [
+        "run.max_steps=400", f"run.checkpoint_every={CHECKPOINT_EVERY}", "optim.epochs=50", "data.num_workers=1"]
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait("3 logged steps", lambda: len(_metrics(out)) >= 3 or proc.poll() is not None, "(see below)")
+        assert proc.poll() is None, proc.communicate()[0]
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in stdout, stdout
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["stopped_by_signal"] and 3 <= summary["final_step"] < 400
+    assert CheckpointManager(out, 3).latest_complete().endswith(f"step_{summary['final_step']:09d}")
