@@ -67,7 +67,8 @@ def _submit(slurm_env: dict, workdir: str, config: str, output_dir: str, *sbatch
     """Submit train.sbatch with 2 tasks on the node; returns (job id, its output file)."""
     log = os.path.join(workdir, f"{os.path.basename(output_dir)}.out")
     env = {**slurm_env, "PYTHON": sys.executable, "PYTHONPATH": ROOT, "MASTER_PORT": str(free_port())}
-    cmd = ["sbatch", "--parsable", "--ntasks=2", "--ntasks-per-node=2", "--time=5:00", f"--output={log}",
+    # --time well above the script's --signal lead time (300 s): else USR1 comes at Slurm's first check.
+    cmd = ["sbatch", "--parsable", "--ntasks=2", "--ntasks-per-node=2", "--time=10:00", f"--output={log}",
            f"--chdir={workdir}", *sbatch_args, SBATCH, config, f"run.output_dir={output_dir}"]
     job = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True, timeout=30).stdout
     return job.strip().split(";")[0], log
