@@ -15,6 +15,19 @@ from .dist import all_reduce_
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the stop signals are the training process's business.
+
+    Slurm signals every process of a task, and so does `kill` of a process group: the loader
+    workers get SIGTERM too. torch's worker handler dies on a SIGTERM that does not come from its
+    parent, and the training process then raises "DataLoader worker ... killed by signal" instead
+    of checkpointing. Ignored here, the workers end with the loader when the process exits (or
+    on their parent's death, or SIGKILL).
+    """
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StopOnSignal:
     def __init__(self, device: torch.device, group=None):
         self.device, self.group = device, group

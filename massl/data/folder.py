@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
+from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
 from .multicrop import MultiCropAugmentation, sample_rng
 
@@ -103,6 +104,7 @@ class ImageFolderSource:
             collate_fn=collate, pin_memory=pin_memory, drop_last=True,
             persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
             generator=torch.Generator(),  # its own, so starting an epoch never draws from the global RNG
+            worker_init_fn=ignore_stop_signals,
         )
 
     @property

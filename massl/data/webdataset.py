@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 import torch
 from PIL import Image
 
+from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
 from .epoch_plan import block_permutation, epoch_pieces, resume_point, worker_span
 from .multicrop import MultiCropAugmentation, sample_rng
@@ -221,7 +222,8 @@ class WebDatasetSource:
             return iter(dataset)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, collate_fn=_identity, num_workers=self.d.num_workers,
-            pin_memory=self.pin_memory, prefetch_factor=2, persistent_workers=False)
+            pin_memory=self.pin_memory, prefetch_factor=2, persistent_workers=False,
+            worker_init_fn=ignore_stop_signals)
         self._loader_iter = iter(loader)
         return self._loader_iter
 
