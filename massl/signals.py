@@ -50,5 +50,7 @@ class StopOnSignal:
 
     def agreed(self) -> bool:
         """True on every rank once any rank received a stop signal (collective)."""
+        if self.group is None:  # one process: no collective, no device round trip
+            return self.received is not None
         flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.device)
         return bool(all_reduce_(flag, self.group, op=torch.distributed.ReduceOp.MAX).item())

@@ -154,7 +154,6 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     loss_sum, window = torch.zeros((), device=env.device), 0  # loss summed over the steps since the last log
     skipped = torch.zeros((), device=env.device)
     summary = {"step": step}
-    last_saved = step if resume_from else -1
     stop_signal = StopOnSignal(env.device, env.group).install()
     try:
         while step < stop:
@@ -187,13 +186,10 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                     logger.message(f"massl: stop signal received; checkpointing at step {step} and exiting")
                     stop = step
                     summary["stopped_by_signal"] = True
-                if step % cfg.run.checkpoint_every == 0 or step == stop:
+                if step % cfg.run.checkpoint_every == 0 or step == stop:  # always at the last step
                     save_checkpoint()
-                    last_saved = step
                 if step >= stop:
                     break
-        if last_saved != step:
-            save_checkpoint()
     finally:
         stop_signal.uninstall()
         logger.close()
