@@ -137,6 +137,30 @@ def sum_partials(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.T
     return _SumPartials.apply(x, group)
 
 
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Forward: all-reduce SUM. Backward: all-reduce SUM of the (contiguous) incoming gradient,
+    for a sum every rank then uses in full (synchronised BatchNorm statistics)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceWithGrad.apply(x, group)
+
+
 def all_reduce_(x: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)

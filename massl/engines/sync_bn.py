@@ -15,24 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..dist import world_of
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Forward: all-reduce SUM. Backward: all-reduce SUM of the incoming gradient (made contiguous)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+from ..dist import all_reduce_with_grad, world_of
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):
@@ -49,11 +32,11 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         x32 = x.float()  # statistics in fp32 whatever the compute dtype
         count = x32.new_full((1,), x.shape[0])
-        sums = _AllReduceSum.apply(torch.cat([x32.sum(0), count]), self.group)
+        sums = all_reduce_with_grad(torch.cat([x32.sum(0), count]), self.group)
         n = sums[-1].detach()
         mean = sums[:-1] / n
         centred = x32 - mean
-        var = _AllReduceSum.apply((centred * centred).sum(0), self.group) / n
+        var = all_reduce_with_grad((centred * centred).sum(0), self.group) / n
         y = centred * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight + self.bias
