@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter

@@ -5,10 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-
-def format_seconds(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+from massl.logging import format_duration
 
 
 class Progress:
@@ -27,7 +24,7 @@ class Progress:
         width = 30
         filled = int(width * self.done / self.total) if self.total else width
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        eta_s = format_seconds(eta) if eta == eta else "?"
+        eta_s = format_duration(eta) if eta == eta else "?"
         return (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {pct:5.1f}% "
                 f"{rate:.0f} img/s ETA {eta_s} {self.extra}")
 

@@ -25,7 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from massl.data.shards import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, iter_samples, open_tar,
-                               read_manifest, sha256_file, write_json_atomic)
+                               read_manifest, sha256_file)
+from massl.fileio import write_json_atomic
 
 from .progress import Progress
 from .shard_inputs import class_map, list_inputs, load_checked, load_chunk

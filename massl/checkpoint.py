@@ -19,17 +19,10 @@ import warnings
 from typing import Callable, Optional
 
 from .dist import barrier
+from .fileio import fsync_path, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _listing(directory: str) -> dict[str, int]:
@@ -108,19 +101,11 @@ class CheckpointManager:
         if self.is_main:
             files = _listing(tmp)
             for rel in files:
-                _fsync_path(os.path.join(tmp, rel))
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump({"step": step, "files": files, **meta}, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
+                fsync_path(os.path.join(tmp, rel))
+            write_json_atomic(os.path.join(tmp, MANIFEST), {"step": step, "files": files, **meta})
             os.rename(tmp, final)
-            _fsync_path(self.root)
-            pointer = os.path.join(self.root, "latest.tmp")
-            with open(pointer, "w") as f:
-                f.write(name + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(pointer, os.path.join(self.root, "latest"))
+            fsync_path(self.root)
+            write_text_atomic(os.path.join(self.root, "latest"), name + "\n")
             for _, old in self.step_dirs()[self.keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.group)

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Optional, get_origin, get_type_hints
 
 import yaml
 

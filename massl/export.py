@@ -11,6 +11,7 @@ import os
 import torch
 
 from .eval.features import checkpoint_config, resolve_checkpoint, teacher_backbone_state
+from .fileio import write_json_atomic
 from .models import backbone_spec
 
 
@@ -31,6 +32,5 @@ def export_teacher(checkpoint: str, out: str) -> dict:
     else:
         torch.save(state, tmp)
     os.replace(tmp, out)
-    with open(out + ".json", "w") as f:
-        json.dump(spec, f, indent=1)
+    write_json_atomic(out + ".json", spec)
     return spec

@@ -6,7 +6,6 @@ import os
 import resource
 import sys
 import time
-from typing import Optional
 
 import torch
 

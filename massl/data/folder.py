@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
-from .multicrop import MultiCropAugmentation, sample_rng
+from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 
@@ -55,7 +55,7 @@ class MultiCropFolder(torch.utils.data.Dataset):
             try:
                 with Image.open(self.paths[i]) as img:  # decoded by the transform (JPEG draft mode)
                     return self.transform(img, sample_rng(self.seed, epoch, i)), skipped, i
-            except (OSError, ValueError, Image.DecompressionBombError):
+            except DECODE_ERRORS:
                 continue
         raise RuntimeError(f"{self.MAX_REPLACEMENTS} consecutive unreadable images from {self.paths[index]!r}")
 

@@ -33,6 +33,8 @@ NUM_PARAMS = len(PARAM_NAMES)
 # JPEG DCT scalings used by draft mode. libjpeg also offers 1/8, but that keeps only each 8x8
 # block's mean, visibly coarser than the bicubic resize it would replace.
 DRAFT_FACTORS = (4, 2)
+# What PIL raises for an unreadable image; a sample that raises one is replaced and counted.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)] * 3  # PIL ImageOps.solarize(threshold=128)
 
 

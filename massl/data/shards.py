@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import tarfile
 from typing import IO, Iterator, Optional
@@ -81,15 +80,6 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(path: str) -> dict:

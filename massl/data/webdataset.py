@@ -25,10 +25,8 @@ from PIL import Image
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
 from .epoch_plan import block_permutation, epoch_pieces, resume_point, worker_span
-from .multicrop import MultiCropAugmentation, sample_rng
+from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
 from .shards import MANIFEST_NAME, SHARD_ERRORS, image_extension, iter_samples, open_tar, read_manifest
-
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def require_webdataset():

@@ -1,0 +1,28 @@
+"""Crash-safe small-file writes: a reader sees the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `path.partial`, sync it, then rename it over `path`."""
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1))
