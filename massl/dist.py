@@ -113,52 +113,39 @@ def gather_rows_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -
     return _GatherRowsWithGrad.apply(x, group)
 
 
-class _SumPartials(torch.autograd.Function):
-    """Forward: all-reduce SUM of per-rank partial losses. Backward: identity.
-
-    Each rank then holds the global value while its gradient stays its own partial one,
-    which the gather's backward (above) combines across ranks.
-    """
+class _AllReduceSum(torch.autograd.Function):
+    """Forward: all-reduce SUM. Backward: identity, or with `reduce_grad` an all-reduce SUM of the
+    (contiguous) incoming gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, reduce_grad: bool) -> torch.Tensor:
+        ctx.group, ctx.reduce_grad = group, reduce_grad
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        if ctx.reduce_grad:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None, None
 
 
 def sum_partials(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Sum per-rank partial losses: each rank then holds the global value while its gradient stays
+    its own partial one, which the gather's backward (above) combines across ranks."""
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _SumPartials.apply(x, group)
-
-
-class _AllReduceWithGrad(torch.autograd.Function):
-    """Forward: all-reduce SUM. Backward: all-reduce SUM of the (contiguous) incoming gradient,
-    for a sum every rank then uses in full (synchronised BatchNorm statistics)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+    return _AllReduceSum.apply(x, group, False)
 
 
 def all_reduce_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Sum a tensor that every rank then uses in full (synchronised BatchNorm statistics): the
+    gradient of each rank's copy is summed back over the ranks."""
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _AllReduceWithGrad.apply(x, group)
+    return _AllReduceSum.apply(x, group, True)
 
 
 def all_reduce_(x: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.ReduceOp.SUM) -> torch.Tensor:
