@@ -7,21 +7,24 @@ decoder pick a reduced JPEG scale (draft mode) that still serves every crop, and
 `data.gpu_augment` ship the photometric parameters to the device instead of applying them here.
 
 Crops leave the worker as uint8 [3, H, W] tensors; normalisation happens batched in
-`prepare()` (massl/data/batch.py). The ops follow torchvision's PIL functions that the published
-recipe uses, in the same order and with the same parameter distributions (docs/data.md lists the
-rounding-level differences).
+`prepare()` (massl/data/batch.py). The photometric ops run in the worker (cpu_augment.py,
+OpenCV) or batched on the device (gpu_augment.py), in the published recipe's order and with its
+parameter distributions (docs/data.md lists the rounding-level differences). With
+data.decode=device the worker stops after drawing: it sends the JPEG bytes and the crop boxes,
+and device_decode.py decodes, crops and resizes on the device.
 """
 from __future__ import annotations
 
+import io
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageChops, ImageFilter
+from PIL import Image
 
 from ..config import AugConfig, DataConfig
 
@@ -35,7 +38,7 @@ NUM_PARAMS = len(PARAM_NAMES)
 DRAFT_FACTORS = (4, 2)
 # What PIL raises for an unreadable image; a sample that raises one is replaced and counted.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)] * 3  # PIL ImageOps.solarize(threshold=128)
+JPEG_END = b"\xff\xd9"  # EOI marker: a JPEG cut short lacks it
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -109,6 +112,11 @@ def draw_crop(rng: random.Random, a: AugConfig, width: int, height: int, view: V
     return p
 
 
+def param_rows(crops: list[CropParams]) -> torch.Tensor:
+    """[V, NUM_PARAMS]: the rows gpu_augment.py applies."""
+    return torch.tensor([p.as_row() for p in crops], dtype=torch.float32)
+
+
 def draft_factor(crops: list[CropParams], sizes: list[int]) -> int:
     """Largest JPEG downscale after which every crop box still spans at least its output size,
     so a reduced decode never makes a crop upsample where the full decode would not."""
@@ -116,87 +124,9 @@ def draft_factor(crops: list[CropParams], sizes: list[int]) -> int:
     return next((f for f in DRAFT_FACTORS if smallest >= f), 1)
 
 
-# PIL's convert(matrix) rounds; the Image.blend behind torchvision's PIL jitter truncates. Shifting
-# by half a level makes the matrix ops truncate too, so both give the same uint8 values.
-TRUNCATE = -0.5
-
-
-def affine_matrix(scale: float, offset: float) -> tuple:
-    """RGB convert() matrix of clip(trunc(scale * x + offset)) on every channel (C speed, no LUT build)."""
-    offset += TRUNCATE
-    return (scale, 0.0, 0.0, offset, 0.0, scale, 0.0, offset, 0.0, 0.0, scale, offset)
-
-
-def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
-    # PIL's ImageEnhance.Contrast (used by torchvision): blend with the rounded mean of the L image.
-    hist = np.asarray(img.convert("L").histogram(), dtype=np.float64)
-    mean = int(hist @ np.arange(256) / hist.sum() + 0.5)
-    return img.convert("RGB", affine_matrix(factor, (1 - factor) * mean))
-
-
-def saturation_matrix(factor: float) -> tuple:
-    """RGB matrix of blend(grayscale(img), img, factor), as PIL's ImageEnhance.Color (ITU-R 601 luma)."""
-    w = (0.299, 0.587, 0.114)
-    rows = [[(1 - factor) * w[j] + (factor if i == j else 0.0) for j in range(3)] + [TRUNCATE] for i in range(3)]
-    return tuple(x for row in rows for x in row)
-
-
-_HUE_LEVELS = np.arange(256)
-_CHANNEL_HUES = np.array([0.0, 1 / 3, 2 / 3])  # hues (turns) where R, G, B peak
-
-
-def hue_weights(shift: int) -> np.ndarray:
-    """[3, 256] uint8: per hue, how far below V each channel sits, as a fraction of the chroma (x255)."""
-    hue = ((_HUE_LEVELS + shift) % 256) / 255.0  # PIL reads its 8-bit hue as h / 255 turns
-    x = ((hue[None, :] - _CHANNEL_HUES[:, None]) % 1.0) * 6.0  # sextants from the channel's peak
-    return np.round(255 * np.clip(np.minimum(x, 6 - x) - 1, 0, 1)).astype(np.uint8)
-
-
-def adjust_hue(img: Image.Image, hue: float) -> Image.Image:
-    """torchvision's PIL adjust_hue (shift PIL's 8-bit HSV hue with wrap-around). The way back to
-    RGB, channel = V * (1 - S * weight(H + shift) / 255^2), runs as PIL 8-bit channel ops: about
-    2/3 of the time of PIL's float HSV -> RGB conversion, within one level of it."""
-    h, s, v = img.convert("HSV").split()
-    return Image.merge("RGB", [ImageChops.multiply(v, ImageChops.invert(ImageChops.multiply(s, h.point(w.tolist()))))
-                               for w in hue_weights(int(hue * 255))])
-
-
-def color_jitter(img: Image.Image, jitter: tuple) -> Image.Image:
-    order, brightness, contrast, saturation, hue = jitter
-    for op in order:
-        if op == 0:
-            img = img.convert("RGB", affine_matrix(brightness, 0.0))
-        elif op == 1:
-            img = adjust_contrast(img, contrast)
-        elif op == 2:
-            img = img.convert("RGB", saturation_matrix(saturation))
-        else:
-            img = adjust_hue(img, hue)
-    return img
-
-
-def photometric(img: Image.Image, p: CropParams) -> Image.Image:
-    """Flip, colour jitter, grayscale, blur, solarise: the order of the published recipe."""
-    if p.flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    if p.jitter is not None:
-        img = color_jitter(img, p.jitter)
-    if p.gray:
-        img = img.convert("L").convert("RGB")
-    if p.blur_sigma > 0:
-        img = img.filter(ImageFilter.GaussianBlur(radius=p.blur_sigma))
-    if p.solarize:
-        img = img.point(SOLARIZE_LUT)
-    return img
-
-
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 [3, H, W] (a channels-last view of one copy of the pixels)."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(x.permute(1, 2, 0).numpy())
 
 
 def resized_crop(src: torch.Tensor, box: tuple, size: int, mode: str) -> torch.Tensor:
@@ -211,13 +141,41 @@ def resized_crop(src: torch.Tensor, box: tuple, size: int, mode: str) -> torch.T
     return F.interpolate(crop, size=(size, size), mode=mode, antialias=True)[0]
 
 
+class Encoded(NamedTuple):
+    """data.decode=device: what a worker sends instead of crops."""
+
+    data: bytes  # the JPEG file
+    boxes: list  # V crop boxes (left, top, width, height) in its full-resolution pixels
+
+
+class Views(NamedTuple):
+    """One sample's worker output."""
+
+    crops: Optional[list]  # V uint8 tensors [3, H, W]; None when the device decodes (`encoded`)
+    params: Optional[torch.Tensor]  # [V, NUM_PARAMS] when the photometric ops run on the device
+    encoded: Optional[Encoded] = None
+    fallback: bool = False  # data.decode=device, but this sample took the CPU path (not a plain JPEG)
+
+
+def device_decodable(img: Image.Image, data: bytes) -> bool:
+    """An RGB or grayscale JPEG that ends with its EOI marker: what the device decoders take.
+    The rest (other formats, CMYK, files cut short) take the CPU path."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(JPEG_END)
+
+
 class MultiCropAugmentation:
-    """PIL image (opened, not necessarily decoded) -> V uint8 crops [3, H, W] and, with
-    `photometric_on_device`, the V x NUM_PARAMS parameter rows that gpu_augment.py applies."""
+    """One image -> V crops: uint8 [3, H, W] tensors, fully augmented in the worker or, with
+    `photometric_on_device`, only cropped and sent with the V x NUM_PARAMS parameter rows that
+    gpu_augment.py applies; with data.decode=device, JPEGs are not even decoded here (`load`)."""
 
     def __init__(self, d: DataConfig, photometric_on_device: bool = False):
         self.d, self.a = d, d.aug
-        self.on_device = photometric_on_device
+        self.decode_on_device = d.decode == "device"
+        self.on_device = photometric_on_device or self.decode_on_device
+        if not self.on_device:
+            from . import cpu_augment  # OpenCV: imported where it is used, with a clear error when missing
+
+            self.photometric = cpu_augment.photometric
         self.mode = self.a.interpolation  # bicubic | bilinear (torch modes; antialiased like PIL)
         a = self.a
         glob = (d.global_crop_size, tuple(d.global_crops_scale))
@@ -228,13 +186,17 @@ class MultiCropAugmentation:
     def num_views(self) -> int:
         return len(self.views)
 
+    @property
+    def sizes(self) -> list[int]:
+        return [v.size for v in self.views]
+
     def draw(self, rng: random.Random, width: int, height: int) -> list[CropParams]:
         return [draw_crop(rng, self.a, width, height, v) for v in self.views]
 
     def decode(self, img: Image.Image, crops: list[CropParams]) -> Image.Image:
         """Decode as RGB, at the smallest JPEG scale that still serves every crop (draft mode)."""
         if img.format == "JPEG":
-            f = draft_factor(crops, [v.size for v in self.views])
+            f = draft_factor(crops, self.sizes)
             if f > 1:
                 img.draft("RGB", (img.width // f, img.height // f))  # PIL picks the scale whose size covers this
         return img.convert("RGB")
@@ -245,16 +207,34 @@ class MultiCropAugmentation:
         left, top, w, h = p.box
         return resized_crop(pixels, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), size, self.mode)
 
-    def __call__(self, img: Image.Image, rng: random.Random):
-        """-> (V uint8 tensors, [V, NUM_PARAMS] float tensor or None)."""
+    def cropped(self, img: Image.Image, crops: list[CropParams]) -> list[torch.Tensor]:
+        """Decode `img` and cut the V crops, before any photometric op."""
         width, height = img.size
-        crops = self.draw(rng, width, height)
         decoded = self.decode(img, crops)
         sx, sy = decoded.width / width, decoded.height / height
         pixels = to_uint8_tensor(decoded)
-        out = []
-        for p, v in zip(crops, self.views):
-            c = self.crop(decoded, pixels, p, v.size, sx, sy)
-            out.append(c if self.on_device else to_uint8_tensor(photometric(to_pil(c), p)))
-        params = torch.tensor([p.as_row() for p in crops], dtype=torch.float32) if self.on_device else None
-        return out, params
+        return [self.crop(decoded, pixels, p, v.size, sx, sy) for p, v in zip(crops, self.views)]
+
+    def apply(self, img: Image.Image, crops: list[CropParams]):
+        """-> (V uint8 tensors, [V, NUM_PARAMS] float tensor or None)."""
+        out = self.cropped(img, crops)
+        if self.on_device:
+            return out, param_rows(crops)
+        # cpu_augment works on the HWC view of each channels-last crop
+        return [torch.from_numpy(self.photometric(c.permute(1, 2, 0).numpy(), p)).permute(2, 0, 1)
+                for c, p in zip(out, crops)], None
+
+    def __call__(self, img: Image.Image, rng: random.Random):
+        """PIL image (opened, not necessarily decoded) -> (crops, params) as `apply`."""
+        return self.apply(img, self.draw(rng, *img.size))
+
+    def load(self, data: bytes, rng: random.Random) -> Views:
+        """An encoded image file -> its Views. With data.decode=device a JPEG is only parsed up to
+        its size, for the crop draws; anything else goes through the CPU path, flagged as fallback."""
+        with Image.open(io.BytesIO(data)) as img:
+            crops = self.draw(rng, *img.size)
+            if not self.decode_on_device:
+                return Views(*self.apply(img, crops))
+            if device_decodable(img, data):
+                return Views(None, param_rows(crops), Encoded(data, [p.box for p in crops]))
+            return Views(*self.apply(img, crops), fallback=True)
