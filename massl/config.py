@@ -119,6 +119,7 @@ class DataConfig:
     local_crops_scale: list = field(default_factory=lambda: [0.05, 0.32])
     local_crops_number: int = 10
     gpu_augment: str = "auto"  # auto (on with CUDA) | true | false
+    decode: str = "cpu"  # cpu (workers decode) | device (workers send JPEG bytes, prepare() decodes)
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -156,6 +157,7 @@ CHOICES = {
     "optim.clip_mode": ("per_param", "global"),
     "data.source": ("imagefolder", "webdataset"),
     "data.gpu_augment": ("auto", "true", "false"),
+    "data.decode": ("cpu", "device"),
     "data.aug.interpolation": ("bicubic", "bilinear"),
     "engine.name": ("single", "ddp", "fsdp"),
     "engine.activation_checkpointing": ("none", "full", "every_k"),
@@ -342,6 +344,11 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
     if d.local_crops_number > 0:
         _require(d.local_crop_size >= 1 and d.local_crop_size % m.patch_size == 0, "data.local_crop_size",
                  f"({d.local_crop_size}) must be a positive multiple of model.patch_size ({m.patch_size})")
+    if d.decode == "device":  # the device gets uint8 crops, so the photometric ops run there too
+        _require(d.gpu_augment != "false", "data.decode",
+                 "device decoding runs the photometric ops on the device; set data.gpu_augment to auto or true")
+        _require(a.rotation_degrees == 0, "data.decode",
+                 "device decoding does not rotate; set data.aug.rotation_degrees to 0 or data.decode to cpu")
 
     if d.source == "imagefolder":
         _require(bool(d.path), "data.path", "is required when data.source is imagefolder")

@@ -49,6 +49,9 @@ BAD = [
     (["run.resume=/no/such/checkpoint"], "run.resume"),
     (["optim.min_lr=1"], "optim.min_lr"),
     (["data.gpu_augment=maybe"], "data.gpu_augment"),
+    (["data.decode=gpu"], "data.decode"),
+    (["data.decode=device", "data.gpu_augment=false"], "data.decode"),
+    (["data.decode=device", "data.aug.rotation_degrees=5"], "data.decode"),
 ]
 
 

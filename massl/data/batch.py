@@ -1,6 +1,8 @@
 """The Batch a DataSource yields, its collate function, and the move to the device (`prepare`)."""
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -9,38 +11,71 @@ from ..config import DataConfig
 from .gpu_augment import GpuAugment, normalize
 
 
-class Batch(NamedTuple):
-    crops: list  # V uint8 tensors [B, 3, H, W]: fully augmented, or only cropped when `params` is set
-    skipped: int  # unreadable samples replaced in this batch
-    params: Optional[list] = None  # gpu_augment: V float tensors [B, NUM_PARAMS] (multicrop.PARAM_NAMES)
+class EncodedBatch(NamedTuple):
+    """data.decode=device: the batch's JPEGs, decoded in prepare() (device_decode.py)."""
+
+    data: torch.Tensor  # uint8 [total bytes]: the files one after another
+    offsets: torch.Tensor  # int64 [n + 1]: file k is data[offsets[k]:offsets[k + 1]]
+    rows: torch.Tensor  # int64 [n]: the batch rows they fill
+    boxes: torch.Tensor  # int64 [n, V, 4]: crop boxes (left, top, width, height) in full-resolution pixels
+
+
+@dataclass
+class Batch:
+    crops: list  # V uint8 tensors [B', 3, H, W]: fully augmented, or only cropped when `params` is set;
+    #              with `encoded`, only the rows the device does not decode (B' = B - n)
+    skipped: int  # unreadable samples replaced in this batch (prepare() adds those it finds)
+    params: Optional[list] = None  # photometric ops on the device: V float tensors [B, NUM_PARAMS] (multicrop.PARAM_NAMES)
     keys: tuple = ()  # sample ids: webdataset keys, image-folder indices
+    encoded: Optional[EncodedBatch] = None
+    fallback: int = 0  # data.decode=device: samples that took the CPU path (not plain JPEGs, refused by the device)
+
+    def pin_memory(self) -> "Batch":  # the DataLoader's pin thread calls this
+        pin = lambda ts: [t.pin_memory() for t in ts]  # noqa: E731
+        encoded = EncodedBatch(*pin(self.encoded)) if self.encoded is not None else None
+        return Batch(pin(self.crops), self.skipped, pin(self.params) if self.params is not None else None,
+                     self.keys, encoded, self.fallback)
 
 
 def collate(samples) -> Batch:
-    """samples: ((crops, params), skipped, key) per image -> one Batch, stacked per view."""
-    views = len(samples[0][0][0])
-    crops = [torch.stack([s[0][0][v] for s in samples]) for v in range(views)]
+    """samples: (multicrop.Views, skipped, key) per image -> one Batch, stacked per view."""
+    views = [s[0] for s in samples]
+    cropped = [v.crops for v in views if v.encoded is None]
+    crops = [torch.stack(c) for c in zip(*cropped)]
     params = None
-    if samples[0][0][1] is not None:
-        rows = torch.stack([s[0][1] for s in samples])  # [B, V, P]
-        params = [rows[:, v].contiguous() for v in range(views)]
-    return Batch(crops, sum(s[1] for s in samples), params, tuple(s[2] for s in samples))
+    if views[0].params is not None:
+        rows = torch.stack([v.params for v in views])  # [B, V, P]
+        params = [rows[:, k].contiguous() for k in range(rows.shape[1])]
+    encoded = None
+    sent = [(i, v.encoded) for i, v in enumerate(views) if v.encoded is not None]
+    if sent:
+        offsets = [0, *itertools.accumulate(len(e.data) for _, e in sent)]
+        encoded = EncodedBatch(torch.frombuffer(bytearray(b"".join(e.data for _, e in sent)), dtype=torch.uint8),
+                               torch.tensor(offsets), torch.tensor([i for i, _ in sent]),
+                               torch.tensor([e.boxes for _, e in sent]))
+    return Batch(crops, sum(s[1] for s in samples), params, tuple(s[2] for s in samples), encoded,
+                 sum(v.fallback for v in views))
 
 
 class DevicePrepare:
     """Batch -> V normalised float32 crop tensors on the device; with data.gpu_augment the
-    photometric ops run there first (gpu_augment.py)."""
+    photometric ops run there first (gpu_augment.py), with data.decode=device the JPEG decode,
+    crops and resizes before them (device_decode.py)."""
 
-    def __init__(self, d: DataConfig, on_device: bool = False):
+    def __init__(self, d: DataConfig, on_device: bool = False, aug=None):
         self.mean, self.std = list(d.aug.mean), list(d.aug.std)
         self.augment = GpuAugment(self.mean, self.std) if on_device else None
+        self.decoder = None
+        if d.decode == "device":
+            from .device_decode import DeviceDecoder  # torchvision.io only where it is used
+
+            self.decoder = DeviceDecoder(aug)
 
     def __call__(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
-        out = []
-        for v, crops in enumerate(batch.crops):
-            crops = crops.to(device, non_blocking=True)
-            if batch.params is not None:
-                out.append(self.augment(crops, batch.params[v]))
-            else:
-                out.append(normalize(crops, self.mean, self.std))
-        return out
+        if batch.encoded is not None:
+            views = self.decoder(batch, device)
+        else:
+            views = [c.to(device, non_blocking=True) for c in batch.crops]
+        if batch.params is None:
+            return [normalize(crops, self.mean, self.std) for crops in views]
+        return [self.augment(crops, params) for crops, params in zip(views, batch.params)]

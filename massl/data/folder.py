@@ -5,7 +5,6 @@ import os
 from typing import Iterator
 
 import torch
-from PIL import Image
 
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
@@ -53,8 +52,8 @@ class MultiCropFolder(torch.utils.data.Dataset):
         for skipped in range(self.MAX_REPLACEMENTS):
             i = (index + skipped) % len(self.paths)
             try:
-                with Image.open(self.paths[i]) as img:  # decoded by the transform (JPEG draft mode)
-                    return self.transform(img, sample_rng(self.seed, epoch, i)), skipped, i
+                with open(self.paths[i], "rb") as f:  # decoded by the transform (JPEG draft mode) or the device
+                    return self.transform.load(f.read(), sample_rng(self.seed, epoch, i)), skipped, i
             except DECODE_ERRORS:
                 continue
         raise RuntimeError(f"{self.MAX_REPLACEMENTS} consecutive unreadable images from {self.paths[index]!r}")
@@ -93,8 +92,9 @@ class ImageFolderSource:
     """DataSource over an image folder: `epoch(e, start)` yields Batches; `prepare` moves them to the device."""
 
     def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False, gpu_augment: bool = False):
-        self.dataset = MultiCropFolder(d.path, MultiCropAugmentation(d, photometric_on_device=gpu_augment), seed)
-        self.prepare = DevicePrepare(d, gpu_augment)
+        aug = MultiCropAugmentation(d, photometric_on_device=gpu_augment)
+        self.dataset = MultiCropFolder(d.path, aug, seed)
+        self.prepare = DevicePrepare(d, aug.on_device, aug)
         self.sampler = EpochSampler(len(self.dataset), d.batch_size, rank, world, seed)
         if self.sampler.iters_per_epoch == 0:
             raise ValueError(f"data.path {d.path!r} has {len(self.dataset)} images, fewer than one global batch "

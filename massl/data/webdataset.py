@@ -13,14 +13,12 @@ the next decodable sample of its shuffle block.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import os
 import sys
 from typing import Iterator, Optional
 
 import torch
-from PIL import Image
 
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
@@ -166,7 +164,7 @@ class WebDatasetSource:
         self.d, self.seed, self.rank, self.world = d, seed, rank, world
         self.batch, self.workers, self.buffer = d.batch_size, max(1, d.num_workers), max(1, d.shuffle_buffer)
         self.aug = MultiCropAugmentation(d, photometric_on_device=gpu_augment)
-        self.prepare = DevicePrepare(d, gpu_augment)
+        self.prepare = DevicePrepare(d, self.aug.on_device, self.aug)
         self.pin_memory = pin_memory
         self._loader_iter = None
         if rank == 0 and len(self.urls) < world * self.workers:
@@ -185,9 +183,8 @@ class WebDatasetSource:
             try:
                 if ext is None:
                     raise ValueError(f"no image among {sorted(files)}")
-                with Image.open(io.BytesIO(files[ext])) as img:
-                    crops = self.aug(img, sample_rng(self.seed, epoch, position))
-                return crops, int(replaced or tries > 0), key
+                views = self.aug.load(files[ext], sample_rng(self.seed, epoch, position))
+                return views, int(replaced or tries > 0), key
             except DECODE_ERRORS as e:
                 if key not in warned:
                     warned.add(key)
