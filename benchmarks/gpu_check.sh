@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): CUDA tests, then the benchmarks, results under $OUT.
-# Prepare here first: bash ../shared/gpu/fetch_wheels.sh (fills .whl/ with webdataset & co), then
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580)
-# Budget: about 8 minutes; each part has its own timeout so a hang cannot eat the call.
+# Prepare here first: bash ../shared/gpu/fetch_wheels.sh (fills .whl/ with webdataset & co) and
+# python benchmarks/bench_data.py --write-images .bench_jpegs (the GPU image has no scikit-image), then
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".bench_jpegs"], timeout_s=600)
+# or one part: bash benchmarks/gpu_check.sh data   (parts: tests step memory data; default all)
+# Budget: about 9 minutes for all; each part has its own timeout so a hang cannot eat the call.
 set -uo pipefail
 OUT=${OUT:-/tmp/massl_gpu_out}
 mkdir -p "$OUT"
@@ -15,7 +17,14 @@ else
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; } \
   2>&1 | tee "$OUT/machine.txt"
-timeout 120 python3 -m pytest -q tests/test_gpu.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log"
-timeout 240 python3 benchmarks/bench_step.py --steps 8 --warmup 3 --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log"
-timeout 90 python3 benchmarks/bench_memory.py --device cuda --out "$OUT/bench_memory_cuda.json" 2>&1 | tee "$OUT/bench_memory.log"
+PARTS=${1:-all}
+part() { [ "$PARTS" = all ] || [ "$PARTS" = "$1" ]; }
+part tests && timeout 150 python3 -m pytest -q tests/test_gpu.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log"
+part step && timeout 240 python3 benchmarks/bench_step.py --steps 8 --warmup 3 --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log"
+part memory && timeout 90 python3 benchmarks/bench_memory.py --device cuda --out "$OUT/bench_memory_cuda.json" 2>&1 | tee "$OUT/bench_memory.log"
+# CPU rows (no OpenCV there: no (b)), the device cost of gpu_augment and device decode, loader + device images/s
+# against the step's (bench_step.json when the step part ran)
+STEP=(); [ -f "$OUT/bench_step.json" ] && STEP=(--step-json "$OUT/bench_step.json")
+part data && timeout 150 python3 benchmarks/bench_data.py --images .bench_jpegs --device cuda --reps 3 --per-rep 21 \
+  --e2e-batches 40 "${STEP[@]}" --machine "$(head -2 "$OUT/machine.txt" | tail -1)" --out "$OUT/data_gpu.json" 2>&1 | tee "$OUT/bench_data.log"
 echo "done: $(ls "$OUT")"

@@ -160,6 +160,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
 
     loss_sum, window = torch.zeros((), device=env.device), 0  # loss summed over the steps since the last log
     skipped = torch.zeros((), device=env.device)
+    fallback = torch.zeros((), device=env.device)  # data.decode=device: samples cut on the CPU instead
     summary = {"step": step}
     stop_signal = StopOnSignal(env.device, env.group).install()
     try:
@@ -174,13 +175,15 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                 loss_sum += out["loss"]
                 window += 1
                 skipped += batch.skipped
+                fallback += batch.fallback
                 step += 1
                 if log_now:
                     check_finite()
                     # the loss of ranks that see only their own batch (replicated memory, local KoLeo)
-                    # differs: report the mean over ranks; skipped images are summed
-                    stats = all_reduce_(torch.stack([loss_sum / window / env.world_size, skipped]), env.group)
-                    metrics = {"loss": stats[0].item(), "skipped_images": stats[1].item(), **h,
+                    # differs: report the mean over ranks; skipped and fallback images are summed
+                    stats = all_reduce_(torch.stack([loss_sum / window / env.world_size, skipped, fallback]), env.group)
+                    metrics = {"loss": stats[0].item(), "skipped_images": stats[1].item(),
+                               "decode_fallback_images": stats[2].item(), **h,
                                "peak_mem_gib": peak_memory_gib(env.device),
                                **{k: v.item() for k, v in out.items() if k != "loss"}}
                     logger.log(step, epoch, metrics, global_batch)

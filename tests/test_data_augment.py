@@ -190,6 +190,9 @@ def test_draft_decode_serves_large_jpegs(photo_jpeg):
             ref = M.resized_crop(full, (left, top, left + w, top + h), s, "bicubic")
             # levels of 255: DCT scaling vs bicubic, and boxes rounded to whole pixels of the reduced image
             assert (c.float() - ref.float()).abs().mean() < 2.5
+        # from the bytes (simplejpeg when installed, DCT-scaled alike): the same pixels as PIL's decode
+        views = aug.load(big.getvalue(), M.sample_rng(0, 0, i))
+        assert all(torch.equal(a, b) for a, b in zip(views.crops, crops))
     small = aug.draw(random.Random(0), 60, 40)
     assert M.draft_factor(small, [64, 64] + [32] * 10) == 1
 

@@ -1,7 +1,8 @@
 """CUDA checks, run by benchmarks/gpu_check.sh on a GPU machine (skipped where no GPU is visible).
 
 The loss on the device against the float64 CPU reference, and short training runs in bf16 and
-fp16 (grad scaler) with the single and fsdp engines, whose first-step losses must agree with fp32.
+fp16 (grad scaler) with the single and fsdp engines, whose first-step losses must agree with fp32;
+the photometric ops and data.decode=device (nvJPEG, batched crops) against the CPU device.
 """
 import json
 import os
@@ -55,3 +56,63 @@ def test_gpu_augment_on_cuda_equals_cpu(tiny_config):
     on_cpu = source.prepare(batch, torch.device("cpu"))
     for a, b in zip(on_gpu, on_cpu):
         assert (a.cpu() - b).abs().max() < 0.02  # normalised units: float rounding of blur and jitter
+
+
+def synthetic_jpegs(sizes) -> list[bytes]:
+    """Photo-like JPEGs without scikit-image (absent from the GPU image): a fractal, gradients, edges."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for w, h in sizes:
+        fractal = Image.effect_mandelbrot((w, h), (-2.0, -1.2, 0.8, 1.2), 64)
+        ramp = Image.linear_gradient("L").resize((w, h))
+        ring = Image.radial_gradient("L").resize((w, h))
+        buf = io.BytesIO()
+        Image.merge("RGB", (fractal, ramp, ring)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_device_decode_on_cuda_matches_the_cpu_device(capfd):
+    """nvJPEG + the batched crops on the GPU against libjpeg-turbo on the CPU device, same batch.
+    Tolerance: nvJPEG's IDCT and chroma upsampling are its own, so pixels differ by a few levels
+    at colour edges (mean under 2 levels); a wrong box or size would differ by tens of levels.
+    A JPEG with a bogus Huffman table is refused on the GPU too: replaced and counted."""
+    from massl.config import DataConfig
+    from massl.data import multicrop as M
+    from massl.data.batch import collate
+    from massl.data.device_decode import DeviceDecoder
+
+    blobs = synthetic_jpegs([(500, 375), (375, 500), (320, 240), (640, 480)])
+    corrupt = bytearray(blobs[2])
+    dht = corrupt.index(b"\xff\xc4")
+    corrupt[dht + 5:dht + 21] = b"\xf0" * 16
+    blobs.append(bytes(corrupt))
+    aug = M.MultiCropAugmentation(DataConfig(decode="device"))
+    decoder = DeviceDecoder(aug)
+
+    def batch():
+        return collate([(aug.load(b, M.sample_rng(0, 0, i)), 0, i) for i, b in enumerate(blobs)]).pin_memory()
+
+    gpu_batch = batch()
+    on_gpu = decoder(gpu_batch, torch.device("cuda"))
+    cpu_batch = batch()
+    on_cpu = decoder(cpu_batch, torch.device("cpu"))
+    assert gpu_batch.skipped == cpu_batch.skipped == 1 and "skipping sample 4" in capfd.readouterr().err
+    for a, b in zip(on_gpu, on_cpu):
+        assert a.shape == b.shape and a.is_cuda
+        diff = (a.cpu().float() - b.float()).abs()
+        assert diff.mean() < 2 and torch.quantile(diff.flatten()[::7], 0.99) <= 16
+
+
+def test_device_decode_training_on_cuda(tiny_config, tmp_path):
+    """data.decode=device end to end on the GPU, from a JPEG folder through pinned loader batches."""
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    for i, data in enumerate(synthetic_jpegs([(40 + 4 * (i % 5), 36 + 2 * (i % 3)) for i in range(24)])):
+        (folder / f"{i:03d}.jpg").write_bytes(data)
+    summary = train(tiny_config("run.device=cuda", "data.decode=device", "data.num_workers=2", f"data.path={folder}",
+                                "run.max_steps=3", output_dir=str(tmp_path / "run")))
+    assert summary["step"] == 3 and summary["decode_fallback_images"] == 0 and summary["skipped_images"] == 0

@@ -196,8 +196,9 @@ class DeviceDecoder:
         """Cut a JPEG the device could not decode on the CPU; False if it does not decode at all."""
         key = batch.keys[row] if row < len(batch.keys) else row
         try:
-            with Image.open(io.BytesIO(blob.numpy().tobytes())) as img:
-                crops = self.aug.cropped(img, [CropParams(box=tuple(b)) for b in boxes.tolist()])
+            data = blob.numpy().tobytes()
+            with Image.open(io.BytesIO(data)) as img:
+                crops = self.aug.cropped(img, [CropParams(box=tuple(b)) for b in boxes.tolist()], data)
         except DECODE_ERRORS as e:
             warn(f"skipping sample {key!r}: it decodes neither on the device nor with PIL ({type(e).__name__}: {e})")
             return False
