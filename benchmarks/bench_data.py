@@ -158,7 +158,7 @@ def candidates(blob: bytes) -> dict:
             fn()
         return round(1e3 * (time.process_time() - start) / n, 4)
 
-    out = {"decode": {"PIL": ms(lambda: Image.open(io.BytesIO(blob)).convert("RGB"))}}
+    out = {"decode": {"PIL (fallback)": ms(lambda: Image.open(io.BytesIO(blob)).convert("RGB"))}}
     import warnings
 
     from torchvision.io import decode_jpeg
@@ -169,7 +169,7 @@ def candidates(blob: bytes) -> dict:
     if has_module("simplejpeg"):
         import simplejpeg
 
-        out["decode"]["simplejpeg"] = ms(lambda: simplejpeg.decode_jpeg(blob, colorspace="RGB"))
+        out["decode"]["simplejpeg (chosen)"] = ms(lambda: simplejpeg.decode_jpeg(blob, colorspace="RGB"))
     img = Image.open(io.BytesIO(blob)).convert("RGB")
     crop = img.crop((40, 30, 440, 330)).resize((224, 224), Image.BICUBIC)
     out["crop_resize_400x300_to_224"] = {"PIL": ms(lambda: img.crop((40, 30, 440, 330)).resize((224, 224), Image.BICUBIC))}
