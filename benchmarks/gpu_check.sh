@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): CUDA tests, then the benchmarks, results under $OUT.
 # Prepare here first: bash ../shared/gpu/fetch_wheels.sh (fills .whl/ with webdataset & co) and
-# python benchmarks/bench_data.py --write-images .bench_jpegs (the GPU image has no scikit-image), then
+# python benchmarks/bench_data.py --write-images .bench_jpegs (the GPU image has no scikit-image;
+# nor simplejpeg: `pip download simplejpeg==1.9.0 --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl` adds it; OpenCV's 61 MB wheel does not fit the carry), then
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".bench_jpegs"], timeout_s=600)
 # or one part: bash benchmarks/gpu_check.sh data   (parts: tests step memory data; default all)
 # Budget: about 9 minutes for all; each part has its own timeout so a hang cannot eat the call.
