@@ -16,13 +16,13 @@ replaced by another sample of its batch and counted in Batch.skipped.
 from __future__ import annotations
 
 import io
-import sys
 import warnings
 from typing import Optional
 
 import torch
 from PIL import Image
 
+from ..logging import log
 from .batch import Batch
 from .multicrop import DECODE_ERRORS, CropParams, MultiCropAugmentation
 
@@ -122,10 +122,6 @@ def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[Option
             return out
 
 
-def warn(message: str) -> None:
-    print(f"massl data: {message}", file=sys.stderr, flush=True)
-
-
 class DeviceDecoder:
     """Batch with `encoded` JPEGs -> V uint8 crop tensors [B, 3, S, S] on the device, in batch
     order; updates the batch's fallback and skipped counts for what it had to handle here."""
@@ -194,15 +190,16 @@ class DeviceDecoder:
     def cpu_fallback(self, out: list[torch.Tensor], blob: torch.Tensor, boxes: torch.Tensor, row: int,
                      batch: Batch, device: torch.device) -> bool:
         """Cut a JPEG the device could not decode on the CPU; False if it does not decode at all."""
-        key = batch.keys[row] if row < len(batch.keys) else row
+        key = batch.keys[row]
         try:
             data = blob.numpy().tobytes()
             with Image.open(io.BytesIO(data)) as img:
                 crops = self.aug.cropped(img, [CropParams(box=tuple(b)) for b in boxes.tolist()], data)
         except DECODE_ERRORS as e:
-            warn(f"skipping sample {key!r}: it decodes neither on the device nor with PIL ({type(e).__name__}: {e})")
+            log.warning(f"massl data: skipping sample {key!r}: it decodes neither on the device nor on the CPU "
+                        f"({type(e).__name__}: {e})")
             return False
-        warn(f"sample {key!r}: the device decoder refused it; cut on the CPU")
+        log.warning(f"massl data: sample {key!r}: the device decoder refused it; cut on the CPU")
         for v, c in enumerate(crops):
             out[v][row] = c.to(device)
         batch.fallback += 1
