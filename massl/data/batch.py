@@ -22,16 +22,20 @@ class EncodedBatch(NamedTuple):
 
 @dataclass
 class Batch:
-    crops: list  # V uint8 tensors [B', 3, H, W]: fully augmented, or only cropped when `params` is set;
-    #              with `encoded`, only the rows the device does not decode (B' = B - n)
+    """One rank's batch. Mutable: prepare() adds the samples it had to replace or cut on the CPU
+    (data.decode=device) to `skipped` and `fallback`, which the loop reads after it."""
+
+    crops: list  # V uint8 tensors [B', 3, H, W], fully augmented or (with `params`) only cropped; B' = B - n
     skipped: int  # unreadable samples replaced in this batch (prepare() adds those it finds)
     params: Optional[list] = None  # photometric ops on the device: V float tensors [B, NUM_PARAMS] (multicrop.PARAM_NAMES)
     keys: tuple = ()  # sample ids: webdataset keys, image-folder indices
-    encoded: Optional[EncodedBatch] = None
+    encoded: Optional[EncodedBatch] = None  # data.decode=device: the n JPEGs the device decodes
     fallback: int = 0  # data.decode=device: samples that took the CPU path (not plain JPEGs, refused by the device)
 
-    def pin_memory(self) -> "Batch":  # the DataLoader's pin thread calls this
-        pin = lambda ts: [t.pin_memory() for t in ts]  # noqa: E731
+    def pin_memory(self) -> "Batch":  # the DataLoader's pin thread calls this (a dataclass is not a namedtuple)
+        def pin(tensors):
+            return [t.pin_memory() for t in tensors]
+
         encoded = EncodedBatch(*pin(self.encoded)) if self.encoded is not None else None
         return Batch(pin(self.crops), self.skipped, pin(self.params) if self.params is not None else None,
                      self.keys, encoded, self.fallback)
