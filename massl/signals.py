@@ -5,6 +5,7 @@ that makes every rank stop after the same step, then writes a checkpoint and ret
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -16,16 +17,28 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: the stop signals are the training process's business.
+    """DataLoader `worker_init_fn`: stop signals are the training process's business, unless they
+    come from the training process itself.
 
     Slurm signals every process of a task, and so does `kill` of a process group: the loader
     workers get SIGTERM too. torch's worker handler dies on a SIGTERM that does not come from its
     parent, and the training process then raises "DataLoader worker ... killed by signal" instead
-    of checkpointing. Ignored here, the workers end with the loader when the process exits (or
-    on their parent's death, or SIGKILL).
+    of checkpointing: such signals are ignored here. A SIGTERM from the parent still ends the
+    worker (as torch's handler does): that is how the parent ends its loader, and how
+    multiprocessing ends its children when the parent exits, after an error too (ignoring it made
+    the exit wait for the workers forever). A signal handler cannot see the sender, so the signals
+    are blocked and a thread takes them with `sigwaitinfo`, which can.
     """
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
+
+    def take_signals() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_signals, name="massl-worker-signals", daemon=True).start()
 
 
 class StopOnSignal:
