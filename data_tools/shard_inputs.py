@@ -9,6 +9,8 @@ from typing import Optional
 
 from PIL import Image
 
+from massl.image import to_rgb
+
 # PIL format -> extension stored in the shard (what webdataset decoders key on).
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "PPM": "ppm"}
 HEADER_WORDS = ("path", "file", "filename", "image")
@@ -81,7 +83,7 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
             img.load()
             if max_side and max(w, h) > max_side:
                 s = max_side / max(w, h)
-                img = img.convert("RGB" if img.mode not in ("RGB", "L") else img.mode)
+                img = to_rgb(img)
                 img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS, reducing_gap=3.0)
                 out = io.BytesIO()
                 img.save(out, "JPEG", quality=quality)

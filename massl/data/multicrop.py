@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageFilter
 
 from ..config import AugConfig, DataConfig
+from ..image import to_rgb
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # torchvision ColorJitter's op ids 0..3
 # One row of photometric parameters per crop, the device-side contract of gpu_augment.py.
@@ -237,7 +238,7 @@ class MultiCropAugmentation:
             f = draft_factor(crops, [v.size for v in self.views])
             if f > 1:
                 img.draft("RGB", (img.width // f, img.height // f))  # PIL picks the scale whose size covers this
-        return img.convert("RGB")
+        return to_rgb(img)
 
     def crop(self, img: Image.Image, pixels: torch.Tensor, p: CropParams, size: int, sx: float, sy: float):
         if p.angle:

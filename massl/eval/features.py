@@ -13,6 +13,7 @@ from ..checkpoint import CheckpointManager, is_complete, read_manifest
 from ..config import Config, config_from_dict
 from ..data.folder import scan_image_folder
 from ..engines import load_teacher_state_dict
+from ..image import to_rgb
 from ..models import build_backbone
 
 
@@ -67,7 +68,7 @@ class _Folder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         with Image.open(self.paths[i]) as img:
-            return self.transform(img.convert("RGB")), self.labels[i]
+            return self.transform(to_rgb(img)), self.labels[i]
 
 
 @torch.no_grad()
