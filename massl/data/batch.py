@@ -14,17 +14,19 @@ class Batch(NamedTuple):
     skipped: int  # unreadable samples replaced in this batch
     params: Optional[list] = None  # gpu_augment: V float tensors [B, NUM_PARAMS] (multicrop.PARAM_NAMES)
     keys: tuple = ()  # sample ids: webdataset keys, image-folder indices
+    unreadable: tuple = ()  # (file, reason) of each unreadable file passed over, for the source to name
 
 
 def collate(samples) -> Batch:
-    """samples: ((crops, params), skipped, key) per image -> one Batch, stacked per view."""
+    """samples: ((crops, params), skipped, key, unreadable) per image -> one Batch, stacked per view."""
     views = len(samples[0][0][0])
     crops = [torch.stack([s[0][0][v] for s in samples]) for v in range(views)]
     params = None
     if samples[0][0][1] is not None:
         rows = torch.stack([s[0][1] for s in samples])  # [B, V, P]
         params = [rows[:, v].contiguous() for v in range(views)]
-    return Batch(crops, sum(s[1] for s in samples), params, tuple(s[2] for s in samples))
+    return Batch(crops, sum(s[1] for s in samples), params, tuple(s[2] for s in samples),
+                 tuple(u for s in samples for u in s[3]))
 
 
 class DevicePrepare:

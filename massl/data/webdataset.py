@@ -187,7 +187,7 @@ class WebDatasetSource:
                     raise ValueError(f"no image among {sorted(files)}")
                 with Image.open(io.BytesIO(files[ext])) as img:
                     crops = self.aug(img, sample_rng(self.seed, epoch, position))
-                return crops, int(replaced or tries > 0), key
+                return crops, int(replaced or tries > 0), key, ()  # named by warn() above
             except DECODE_ERRORS as e:
                 if key not in warned:
                     warned.add(key)
