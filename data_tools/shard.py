@@ -26,6 +26,7 @@ from multiprocessing import get_context
 
 from massl.data.shards import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, iter_samples, open_tar,
                                read_manifest, sha256_file)
+from massl.errors import fail
 from massl.fileio import write_json_atomic
 
 from .progress import Progress
@@ -135,15 +136,15 @@ def start_or_resume(out: str, prefix: str, fingerprint: str, overwrite: bool, lo
                 os.remove(p)
         return fresh
     if os.path.exists(manifest_path):
-        raise FileExistsError(f"{out} already holds finished shards ({MANIFEST_NAME}); pass --overwrite to replace them")
+        raise FileExistsError(f"--out {out}: already holds finished shards ({MANIFEST_NAME}); pass --overwrite to replace them")
     if not os.path.exists(journal_path):
         if own_files(out, prefix):
-            raise FileExistsError(f"{out} already holds {prefix}-*.tar files; pass --overwrite to replace them")
+            raise FileExistsError(f"--out {out}: already holds {prefix}-*.tar files; pass --overwrite to replace them")
         return fresh
     with open(journal_path) as f:
         journal = json.load(f)
     if journal.get("fingerprint") != fingerprint:
-        raise ValueError(f"{out} holds an interrupted run with other inputs or options; rerun it with the same "
+        raise ValueError(f"--out {out}: holds an interrupted run with other inputs or options; rerun it with the same "
                          f"arguments to resume, or pass --overwrite to start again")
     kept = []
     for s in journal["shards"]:  # keep the prefix of completed shards whose bytes still match
@@ -169,7 +170,7 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
                  overwrite: bool = False, progress: bool = True) -> dict:
     """Write the shards and manifest.json of `source` into `out`; returns the manifest."""
     if maxcount < 1 or maxsize < RECORD:
-        raise ValueError(f"--maxcount must be >= 1 and --maxsize >= {RECORD} bytes")
+        raise ValueError(f"--maxcount {maxcount}, --maxsize {maxsize}: need --maxcount >= 1 and --maxsize >= {RECORD} bytes")
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     items = list_inputs(source)
     classes = class_map(items)
@@ -269,12 +270,12 @@ def index(urls: list[str], out: str) -> dict:
     paths = [p for u in urls for p in expand_urls(u)]
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(folders) != 1 or os.path.dirname(os.path.abspath(out)) not in folders:
-        raise ValueError("index: the shards must share one folder, and --out must be a file in it")
+        raise ValueError(f"index --out {out}: the shards must share one folder, and --out must be a file in it")
     shards = []
     for p in paths:
         s = scan_shard(p)
         if "error" in s:
-            raise ValueError(f"index: {p} is damaged ({s['error']})")
+            raise ValueError(f"index: {p}: is damaged ({s['error']}); rewrite or leave out this shard")
         shards.append(s)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": "index", "options": {},
                 "shards": shards, "num_shards": len(shards), "total_samples": sum(s["samples"] for s in shards),
@@ -284,7 +285,15 @@ def index(urls: list[str], out: str) -> dict:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done (verify: all good), 1 verify found problems, 2 a user error (one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        fail(e)
+
+
+def run(argv: list[str]) -> int:
     if argv[:1] == ["verify"]:
         p = argparse.ArgumentParser(prog="massl-shard verify", description="Re-check shards against manifest.json")
         p.add_argument("folder")
@@ -317,12 +326,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     a = p.parse_args(argv)
-    try:
-        write_shards(a.source, a.out, a.prefix, a.maxcount, a.maxsize, a.seed, not a.no_shuffle, a.workers,
-                     a.max_side, a.quality, a.overwrite, progress=not a.quiet)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"massl-shard: {e}", file=sys.stderr)
-        return 2
+    write_shards(a.source, a.out, a.prefix, a.maxcount, a.maxsize, a.seed, not a.no_shuffle, a.workers,
+                 a.max_side, a.quality, a.overwrite, progress=not a.quiet)
     return 0
 
 

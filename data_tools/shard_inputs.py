@@ -52,7 +52,7 @@ def list_file(path: str) -> list[Item]:
         label = r[1].strip() if len(r) > 1 and r[1].strip() else None
         items.append(Item(p if os.path.isabs(p) else os.path.join(base, p), label))
     if not items:
-        raise ValueError(f"{path} lists no images")
+        raise ValueError(f"SOURCE {path}: lists no images")
     return items
 
 
@@ -61,7 +61,7 @@ def list_inputs(source: str) -> list[Item]:
         return list_folder(source)
     if os.path.isfile(source):
         return list_file(source)
-    raise FileNotFoundError(f"input {source!r} is neither an image folder nor a list file")
+    raise FileNotFoundError(f"SOURCE {source!r}: is neither an image folder nor a list file (.txt, .csv)")
 
 
 def class_map(items: list[Item]) -> dict[str, int]:

@@ -4,14 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from .config import ConfigError, load_config
-
-
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+from .config import load_config
+from .errors import UserError
+from .errors import fail as _fail
 
 
 def train_main(argv=None) -> None:
@@ -24,8 +20,8 @@ def train_main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        _fail(str(e))
+    except UserError as e:
+        _fail(e)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
@@ -33,8 +29,8 @@ def train_main(argv=None) -> None:
 
     try:
         train(cfg)
-    except ConfigError as e:
-        _fail(str(e))
+    except UserError as e:
+        _fail(e)
 
 
 def _default_eval_out(checkpoint_dir: str, name: str) -> str:
@@ -120,8 +116,8 @@ def export_main(argv=None) -> None:
 
     try:
         spec = export_teacher(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    except (OSError, ValueError) as e:
+        _fail(e)
     kw = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     print(f"wrote {args.out}; load with timm.create_model({spec['model_name']!r}, {kw}) "
           f"and load_state_dict(..., strict=True)")

@@ -9,15 +9,16 @@ import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, get_origin, get_type_hints
+from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import UserError
 
 MIN_TEMPERATURE = 0.025
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key has a bad value; the message names the key and says what to change."""
 
 
@@ -77,7 +78,7 @@ class OptimConfig:
     warmup_epochs: float = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd / lars
     clip_grad: float = 3.0  # 0 disables clipping
     clip_mode: str = "per_param"  # per_param (published) | global
@@ -99,8 +100,8 @@ class AugConfig:
     blur_prob_local: float = 0.5
     solarize_prob_global2: float = 0.2
     rotation_degrees: float = 0.0
-    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -115,8 +116,8 @@ class DataConfig:
     num_workers: int = 8
     global_crop_size: int = 224
     local_crop_size: int = 96
-    global_crops_scale: list = field(default_factory=lambda: [0.32, 1.0])
-    local_crops_scale: list = field(default_factory=lambda: [0.05, 0.32])
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     local_crops_number: int = 10
     gpu_augment: str = "auto"  # auto (on with CUDA) | true | false
     aug: AugConfig = field(default_factory=AugConfig)
@@ -167,12 +168,13 @@ CHOICES = {
 
 def _convert(key: str, value: Any, typ: Any) -> Any:
     """Coerce a YAML/CLI value to the schema type of `key`, or raise ConfigError."""
-    if get_origin(typ) is list or typ is list:
+    if get_origin(typ) is list:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list such as [0.32, 1.0], got {value!r}")
-        return value
+        (item,) = get_args(typ)
+        return [_convert(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -220,6 +222,14 @@ def _merge(obj: Any, data: dict, prefix: str = "", strict: bool = True) -> None:
             setattr(obj, k, _convert(key, v, hints[k]))
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """'line 3, column 7: mapping values are not allowed here' (PyYAML's message spans several lines)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def _dotted_to_nested(overrides: list[str]) -> list[dict]:
     out = []
     for item in overrides:
@@ -229,7 +239,7 @@ def _dotted_to_nested(overrides: list[str]) -> list[dict]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(f"{key}: cannot parse value {raw!r} ({yaml_problem(e)}); quote it or fix it") from None
         nested: dict = {}
         cur = nested
         parts = key.strip().split(".")
@@ -247,7 +257,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not os.path.isfile(path):
             raise ConfigError(f"--config: file {path!r} does not exist")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--config {path}: not valid YAML ({yaml_problem(e)}); fix the file") from None
         _merge(cfg, data)
     for nested in _dotted_to_nested(overrides or []):
         _merge(cfg, nested)
@@ -331,7 +344,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
 
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
         v = _get(cfg, key)
-        _require(len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1] <= 1,
+        _require(len(v) == 2 and 0 < v[0] <= v[1] <= 1,
                  key, f"must be [min, max] with 0 < min <= max <= 1, got {v}")
     for key in ("mean", "std"):
         v = getattr(a, key)
@@ -353,6 +366,12 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
 
     if check_paths and r.resume not in ("auto", "never"):
         _require(os.path.isdir(r.resume), "run.resume", f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
+        _require(not os.path.isdir(os.path.join(r.resume, "checkpoints")), "run.resume",
+                 f"{r.resume!r} is a run directory, not one of its checkpoints; continue it with "
+                 f"run.output_dir={r.resume} run.resume=auto, or name a checkpoint, e.g. {r.resume}/checkpoints/step_...")
+        _require(os.path.isfile(os.path.join(r.resume, "manifest.json")), "run.resume",
+                 f"{r.resume!r} holds no manifest.json: not a complete massl checkpoint; name a checkpoint "
+                 f"directory (<run>/checkpoints/step_...)")
 
     if world_size is not None:
         g = world_size * d.batch_size

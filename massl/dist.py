@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
 
 # torch >= 2.12 renamed the tensor collectives; keep working on older releases (the GPU image has 2.11).
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -46,7 +47,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device: cuda was requested but no CUDA device is visible; use run.device=cpu")
+        raise ConfigError("run.device: cuda was requested but no CUDA device is visible; use run.device=cpu or auto")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())

@@ -105,7 +105,9 @@ def test_refuses_to_overwrite(folder, tmp_path):
     write_shards(root, out, maxcount=8, progress=False)
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_shards(root, out, maxcount=8, progress=False)
-    assert main([root, "--out", out, "--quiet"]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main([root, "--out", out, "--quiet"])
+    assert exited.value.code == 2
     os.remove(os.path.join(out, "manifest.json"))  # stray shards without a journal are protected too
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_shards(root, out, maxcount=8, progress=False)

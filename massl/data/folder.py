@@ -7,6 +7,8 @@ from typing import Iterator
 import torch
 from PIL import Image
 
+from ..config import ConfigError
+from ..errors import UserError
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
@@ -33,7 +35,8 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
                     paths.append(os.path.join(dirpath, f))
                     labels.append(ci)
     if not paths:
-        raise ValueError(f"image folder {root!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
+        raise UserError(f"image folder {root!r}: holds no images (extensions: {', '.join(IMG_EXTENSIONS)}); "
+                        f"point it at a folder of images")
     return paths, labels, classes
 
 
@@ -103,7 +106,7 @@ class ImageFolderSource:
         self.sampler = EpochSampler(len(self.dataset), d.batch_size, rank, world, seed)
         self.named: set[str] = set()  # unreadable files already reported
         if self.sampler.iters_per_epoch == 0:
-            raise ValueError(f"data.path {d.path!r} has {len(self.dataset)} images, fewer than one global batch "
+            raise ConfigError(f"data.path: {d.path!r} has {len(self.dataset)} images, fewer than one global batch "
                              f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,

@@ -12,6 +12,8 @@ import posixpath
 import tarfile
 from typing import IO, Iterator, Optional
 
+from ..errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "massl-shards"
 MANIFEST_VERSION = 1
@@ -83,12 +85,22 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
 
 
 def read_manifest(path: str) -> dict:
-    """Load and sanity-check a manifest written by massl-shard (or `massl-shard index`)."""
-    with open(path) as f:
-        m = json.load(f)
-    if m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
-        raise ValueError(f"{path} is not a massl-shard manifest (format {MANIFEST_FORMAT!r} with a shard list)")
+    """Load and sanity-check a manifest written by massl-shard (or `massl-shard index`); a
+    UserError says what is wrong with it."""
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: does not exist; write the shards with massl-shard, or a manifest for "
+                        f"existing shards with `massl-shard index`") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: is not readable JSON ({type(e).__name__}: {e}); rewrite it with "
+                        f"`massl-shard index`") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
+        raise UserError(f"{path}: is not a massl-shard manifest (format {MANIFEST_FORMAT!r} with a shard list); "
+                        f"write one with `massl-shard index`")
     for s in m["shards"]:
-        if not {"name", "samples", "bytes", "sha256"} <= set(s):
-            raise ValueError(f"{path}: shard entry {s} lacks name, samples, bytes or sha256")
+        if not isinstance(s, dict) or not {"name", "samples", "bytes", "sha256"} <= set(s):
+            raise UserError(f"{path}: shard entry {s} lacks name, samples, bytes or sha256; rewrite it with "
+                            f"`massl-shard index`")
     return m
