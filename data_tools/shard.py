@@ -30,7 +30,7 @@ from massl.errors import fail
 from massl.fileio import write_json_atomic
 
 from .progress import Progress
-from .shard_inputs import class_map, list_inputs, load_checked, load_chunk
+from .shard_inputs import class_map, exit_with_parent, list_inputs, load_checked, load_chunk
 
 JOURNAL_NAME = ".massl-shard-journal.json"
 BLOCK, RECORD = 512, 10240  # tar block and record sizes: a tar file is a whole number of records
@@ -111,7 +111,8 @@ def checked_images(items, max_side: int, quality: int, workers: int, chunk: int 
         yield from (load_checked(i.path, max_side, quality) for i in items)
         return
     chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         window: deque = deque()
         for c in chunks:
             window.append(pool.submit(load_chunk, [i.path for i in c], max_side, quality))
@@ -182,6 +183,7 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
     os.makedirs(out, exist_ok=True)
     journal = start_or_resume(out, prefix, fingerprint, overwrite, log)
     journal_path = os.path.join(out, JOURNAL_NAME)
+    write_json_atomic(journal_path, journal)  # before the first shard: a run killed at once resumes too
     bar = Progress(len(items), journal["next_input"], enabled=progress)
     writer, first_input, skipped_here = None, journal["next_input"], []
 
@@ -232,12 +234,20 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
 
 
 def scan_shard(path: str) -> dict:
-    """Recount a shard: samples, bytes, sha256, and the read error if it is damaged."""
+    """Recount a shard: samples, bytes, sha256, and the read error if it is damaged.
+
+    tarfile reads a tar cut at (or inside) a member header as a shorter complete one, so the
+    end-of-archive marker (two zero blocks) that every tar writer puts after the last member
+    is checked too."""
     digest, size = sha256_file(path)
     record = {"name": os.path.basename(path), "samples": 0, "bytes": size, "sha256": digest}
     try:
         with open(path, "rb") as f:
-            record["samples"] = sum(1 for _ in iter_samples(open_tar(f)))
+            tar = open_tar(f)
+            record["samples"] = sum(1 for _ in iter_samples(tar))
+            f.seek(tar.offset)
+            if f.read(2 * BLOCK) != bytes(2 * BLOCK):
+                raise tarfile.ReadError(f"truncated: no end-of-archive marker after the member ending at byte {tar.offset}")
     except (tarfile.TarError, EOFError, OSError) as e:
         record["error"] = f"{type(e).__name__}: {e}"
     return record

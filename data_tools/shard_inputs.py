@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,6 +96,18 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
         return {"error": "UnidentifiedImageError: not an image format PIL can read"}
     except Exception as e:  # any failure to read or decode means: skip this file and list why
         return {"error": f"{type(e).__name__}: {e}"}
+
+
+def exit_with_parent(parent: int) -> None:
+    """Worker pool initializer: end this worker once massl-shard is gone. A pool worker waits on
+    its task queue forever when the process that owns the pool is killed (kill -9, OOM killer)
+    without shutting the pool down."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="massl-shard-parent-watch", daemon=True).start()
 
 
 def load_chunk(paths: list[str], max_side: int, quality: int) -> list[dict]:
