@@ -18,6 +18,8 @@ from .models import backbone_spec
 def export_teacher(checkpoint: str, out: str) -> dict:
     if not out.endswith((".safetensors", ".pth", ".pt")):
         raise ValueError(f"--out {out!r}: use a .safetensors, .pth or .pt file name")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r}: is a directory; give a file name in it")
     ckpt_dir = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in teacher_backbone_state(ckpt_dir).items()}
@@ -25,12 +27,16 @@ def export_teacher(checkpoint: str, out: str) -> dict:
             "mean": cfg.data.aug.mean, "std": cfg.data.aug.std}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
-    if out.endswith(".safetensors"):
-        from safetensors.torch import save_file
+    try:
+        if out.endswith(".safetensors"):
+            from safetensors.torch import save_file
 
-        save_file(state, tmp, metadata={"massl": json.dumps(spec)})
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, out)
+            save_file(state, tmp, metadata={"massl": json.dumps(spec)})
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, out)
+    finally:  # a failed write leaves nothing behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     write_json_atomic(out + ".json", spec)
     return spec

@@ -109,3 +109,16 @@ def test_export_manifest_with_a_bad_config(tmp_path, capsys):
     (ckpt / "manifest.json").write_text(json.dumps({"step": 1, "files": {}, "config": {"model": {"arch": "vit_huge"}}}))
     err = one_line_error(capsys, export_main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "t.pth")])
     assert "model.arch" in err
+
+
+def test_export_into_an_existing_directory_leaves_nothing(digits_dir, tmp_path, capsys):
+    from massl.config import load_config
+    from massl.train import train
+
+    run = str(tmp_path / "run")
+    train(load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), run) + ["run.max_steps=1"]))
+    target = tmp_path / "teacher.pth"
+    os.makedirs(target)
+    err = one_line_error(capsys, export_main, ["--checkpoint", run, "--out", str(target)])
+    assert err.startswith(f"error: --out '{target}': is a directory")
+    assert sorted(os.listdir(tmp_path)) == ["run", "teacher.pth"] and os.listdir(target) == []
