@@ -11,6 +11,8 @@ from .errors import fail as _fail
 
 
 def train_main(argv=None) -> None:
+    """Exit status: 0 trained to the end, 2 a user error, STOPPED_EXIT (75) stopped by SIGTERM or
+    SIGUSR1 at a checkpoint (the same command continues the run), 1 anything else."""
     p = argparse.ArgumentParser(
         prog="massl-train", description="MaSSL pretraining. Settings: YAML (--config) then dotted key=value overrides.",
         epilog="example: massl-train --config configs/quickstart.yaml optim.lr=1e-3 data.batch_size=32")
@@ -25,12 +27,17 @@ def train_main(argv=None) -> None:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
-    from .train import train
+    from .signals import exit_stopped, stop_signals_recorded
 
-    try:
-        train(cfg)
-    except UserError as e:
-        _fail(e)
+    with stop_signals_recorded():  # from here on a stop signal is never lost
+        from .train import train
+
+        try:
+            summary = train(cfg)
+        except UserError as e:
+            _fail(e)
+        if summary.get("stopped_by_signal"):
+            exit_stopped()
 
 
 def _default_eval_out(checkpoint_dir: str, name: str) -> str:

@@ -1,19 +1,53 @@
 """Stop cleanly on SIGTERM / SIGUSR1 (Slurm preemption, requeue, time limit, `kill`).
 
 The handler only records the signal; the loop polls `agreed()` every few steps, an all-reduce
-that makes every rank stop after the same step, then writes a checkpoint and returns.
+that makes every rank stop after the same step, then writes a checkpoint and returns. massl-train
+then exits with STOPPED_EXIT, which tells a launcher (launch/slurm/train.sbatch) that the run
+stopped at a checkpoint and resumes when started again.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
+from typing import NoReturn
 
 import torch
 
 from .dist import all_reduce_
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOPPED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped early by a signal, checkpoint written; run again to continue
+_early: list[int] = []  # stop signals received before the loop's StopOnSignal was installed
+
+
+def _record_early(signum, frame) -> None:
+    _early.append(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_recorded():
+    """Record stop signals until the loop installs StopOnSignal, which then acts on them: Python's
+    default for SIGUSR1 is to die, and start-up (a resume's checkpoint load included) can take
+    minutes. The previous handlers come back at the end, unless the body set others (exit_stopped)."""
+    previous = {s: signal.signal(s, _record_early) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if signal.getsignal(s) is _record_early:
+                signal.signal(s, handler)
+        _early.clear()
+
+
+def exit_stopped() -> NoReturn:
+    """Exit with STOPPED_EXIT after a stop at a checkpoint, ignoring SIGTERM from here on: a
+    launcher that ends every rank at the first non-zero exit (srun --kill-on-bad-exit) would
+    otherwise turn the other ranks' own exit 75 into a death by SIGTERM (status 143)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(STOPPED_EXIT)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -54,6 +88,8 @@ class StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
+            if _early:
+                self.received = _early[-1]
         return self
 
     def uninstall(self) -> None:
