@@ -68,7 +68,7 @@ def test_fp16_on_a_cpu(train_args, capsys):
 
 def test_webdataset_folder_without_a_manifest(tmp_path, train_args, capsys):
     os.makedirs(tmp_path / "shards")
-    err = one_line_error(capsys, train_main, train_args + ["data.source=webdataset", f"data.urls={tmp_path / 'shards'}"])
+    err = one_line_error(capsys, train_main, train_args + ["data.path=", "data.source=webdataset", f"data.urls={tmp_path / 'shards'}"])
     assert err.startswith(f"error: data.urls: {tmp_path / 'shards' / 'manifest.json'}: does not exist")
 
 
@@ -77,12 +77,12 @@ def test_webdataset_manifest_that_is_not_json(tmp_path, train_args, capsys):
     (tmp_path / "shards" / "x-000000.tar").write_bytes(b"")
     (tmp_path / "shards" / "manifest.json").write_text("{not json")
     err = one_line_error(capsys, train_main, train_args + [
-        "data.source=webdataset", f"data.urls={tmp_path / 'shards' / 'x-000000.tar'}"])
+        "data.path=", "data.source=webdataset", f"data.urls={tmp_path / 'shards' / 'x-000000.tar'}"])
     assert err.startswith("error: data.manifest: ") and "is not readable JSON" in err
 
 
 def test_webdataset_bad_brace_pattern(tmp_path, train_args, capsys):
-    err = one_line_error(capsys, train_main, train_args + ["data.source=webdataset", "data.urls=shards/x-{000..001.tar"])
+    err = one_line_error(capsys, train_main, train_args + ["data.path=", "data.source=webdataset", "data.urls=shards/x-{000..001.tar"])
     assert err.startswith("error: data.urls: ")
 
 

@@ -51,7 +51,7 @@ def webdataset_with_no_usable_shard(root: str) -> list[str]:
         {"name": "s-000000.tar", "samples": 48, "bytes": 800, "sha256": "0" * 64}]}
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f)
-    return ["data.source=webdataset", f"data.urls={root}"]
+    return ["data.path=", "data.source=webdataset", f"data.urls={root}"]
 
 
 def group_alive(proc: subprocess.Popen) -> bool:
