@@ -48,7 +48,9 @@ def _default_eval_out(checkpoint_dir: str, name: str) -> str:
 def _evaluate(args) -> dict:
     import torch
 
-    from .eval.features import eval_transform, extract_features, load_backbone, resolve_checkpoint
+    from .checkpoint.reader import load_teacher_backbone, resolve_checkpoint
+    from .dist import resolve_device
+    from .eval.features import eval_transform, extract_features
     from .eval.knn import knn_classify
     from .eval.linear import linear_probe_accuracy
 
@@ -58,8 +60,8 @@ def _evaluate(args) -> dict:
     ckpt_dir = resolve_checkpoint(args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone, cfg = load_backbone(ckpt_dir, random_init=args.random_init, seed=args.seed)
+    device = resolve_device(args.device, key="--device")
+    backbone, cfg = load_teacher_backbone(ckpt_dir, random_init=args.random_init, seed=args.seed)
     tf = eval_transform(cfg, args.image_size, args.crop_ratio)
     train_f, train_y, classes = extract_features(backbone, args.train, tf, args.batch_size, args.workers, device)
     val_f, val_y, val_classes = extract_features(backbone, args.val, tf, args.batch_size, args.workers, device)

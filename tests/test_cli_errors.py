@@ -81,9 +81,10 @@ def test_webdataset_manifest_that_is_not_json(tmp_path, train_args, capsys):
     assert err.startswith("error: data.manifest: ") and "is not readable JSON" in err
 
 
-def test_webdataset_bad_brace_pattern(tmp_path, train_args, capsys):
-    err = one_line_error(capsys, train_main, train_args + ["data.path=", "data.source=webdataset", "data.urls=shards/x-{000..001.tar"])
-    assert err.startswith("error: data.urls: ")
+def test_webdataset_urls_that_do_not_exist(tmp_path, train_args, capsys):
+    err = one_line_error(capsys, train_main, train_args + [
+        "data.path=", "data.source=webdataset", f"data.urls={tmp_path}/nothing/x-{{000..003}}.tar"])
+    assert err.startswith(f"error: data.manifest: {tmp_path}/nothing/manifest.json: does not exist")
 
 
 def test_resume_from_a_run_directory(tmp_path, train_args, capsys):

@@ -9,7 +9,8 @@ import os
 import torch
 
 from massl.config import load_config
-from massl.eval.features import eval_transform, extract_features, load_backbone
+from massl.checkpoint.reader import load_teacher_backbone
+from massl.eval.features import eval_transform, extract_features
 from massl.eval.knn import knn_classify
 from massl.train import train
 
@@ -17,7 +18,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.ya
 
 
 def knn_top1(checkpoint, digits_dir, random_init):
-    backbone, cfg = load_backbone(checkpoint, random_init=random_init)
+    backbone, cfg = load_teacher_backbone(checkpoint, random_init=random_init)
     tf = eval_transform(cfg, crop_ratio=1.0)
     train_f, train_y, _ = extract_features(backbone, os.path.join(digits_dir, "train"), tf, num_workers=0, progress=False)
     val_f, val_y, _ = extract_features(backbone, os.path.join(digits_dir, "val"), tf, num_workers=0, progress=False)

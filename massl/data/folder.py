@@ -1,43 +1,17 @@
 """Image-folder input: class sub-folders (labels) or a flat folder, read with random access."""
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
 from PIL import Image
 
 from ..config import ConfigError
-from ..errors import UserError
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
+from .files import scan_image_folder
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
 from .webdataset import warn
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
-
-
-def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
-    """(paths, labels, class names). Sub-folders are classes; files directly in `root` get label -1."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    paths, labels = [], []
-    for f in sorted(os.listdir(root)):
-        if f.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(os.path.join(root, f)):
-            paths.append(os.path.join(root, f))
-            labels.append(-1)
-    for ci, c in enumerate(classes):
-        for dirpath, dirnames, files in os.walk(os.path.join(root, c)):
-            dirnames.sort()
-            for f in sorted(files):
-                if f.lower().endswith(IMG_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(ci)
-    if not paths:
-        raise UserError(f"image folder {root!r}: holds no images (extensions: {', '.join(IMG_EXTENSIONS)}); "
-                        f"point it at a folder of images")
-    return paths, labels, classes
 
 
 class MultiCropFolder(torch.utils.data.Dataset):
@@ -107,7 +81,7 @@ class ImageFolderSource:
         self.named: set[str] = set()  # unreadable files already reported
         if self.sampler.iters_per_epoch == 0:
             raise ConfigError(f"data.path: {d.path!r} has {len(self.dataset)} images, fewer than one global batch "
-                             f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
+                              f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,
             collate_fn=collate, pin_memory=pin_memory, drop_last=True,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import sys
 from typing import Iterator, Optional
 
 import torch
@@ -24,11 +23,13 @@ from PIL import Image
 
 from ..config import ConfigError
 from ..errors import UserError
+from ..logging import log
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
 from .epoch_plan import block_permutation, epoch_pieces, resume_point, worker_span
+from .files import image_extension
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
-from .shards import MANIFEST_NAME, SHARD_ERRORS, image_extension, iter_samples, open_tar, read_manifest
+from .shards import MANIFEST_NAME, SHARD_ERRORS, expand_shard_urls, iter_samples, open_tar, read_shard_manifest
 
 
 def require_webdataset():
@@ -41,15 +42,7 @@ def require_webdataset():
 
 
 def warn(message: str) -> None:
-    print(f"massl data: {message}", file=sys.stderr, flush=True)
-
-
-def expand_urls(urls: str) -> list[str]:
-    """A folder -> the shards its manifest lists; otherwise '::'-separated brace patterns."""
-    if os.path.isdir(urls):
-        manifest = read_manifest(os.path.join(urls, MANIFEST_NAME))
-        return [os.path.join(urls, s["name"]) for s in manifest["shards"]]
-    return list(require_webdataset().shardlists.expand_urls(urls))
+    log.warning(f"massl data: {message}")
 
 
 def is_local(url: str) -> bool:
@@ -151,14 +144,14 @@ class WebDatasetSource:
 
     def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False, gpu_augment: bool = False):
         try:
-            self.urls = expand_urls(d.urls)
-        except ValueError as e:  # a bad brace pattern, or a folder without a usable manifest
+            self.urls = expand_shard_urls(d.urls)
+        except UserError as e:  # a folder without a usable manifest
             raise ConfigError(f"data.urls: {e}") from None
         if not self.urls:
             raise ConfigError(f"data.urls: {d.urls!r} names no shards")
         manifest_path = find_manifest(d.urls, d.manifest, self.urls)
         try:
-            manifest = read_manifest(manifest_path)
+            manifest = read_shard_manifest(manifest_path)
         except UserError as e:
             raise ConfigError(f"data.manifest: {e}") from None
         self.counts = shard_counts(self.urls, manifest, manifest_path)
@@ -193,7 +186,7 @@ class WebDatasetSource:
                     raise ValueError(f"no image among {sorted(files)}")
                 with Image.open(io.BytesIO(files[ext])) as img:
                     crops = self.aug(img, sample_rng(self.seed, epoch, position))
-                return crops, int(replaced or tries > 0), key, ()  # named by warn() above
+                return crops, int(replaced or tries > 0), key, ()  # named by warn() below
             except DECODE_ERRORS as e:
                 if key not in warned:
                     warned.add(key)
