@@ -26,9 +26,9 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from massl.data.shards import (MANIFEST_NAME, expand_shard_urls, iter_samples, open_tar, read_shard_manifest,
-                               sha256_file, shard_manifest)
+                               shard_manifest)
 from massl.errors import fail
-from massl.fileio import write_json_atomic
+from massl.fileio import sha256_file, write_json_atomic
 from massl.logging import setup_logging
 from massl.progress import Progress
 

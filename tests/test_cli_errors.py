@@ -128,3 +128,12 @@ def test_export_into_an_existing_directory_leaves_nothing(digits_dir, tmp_path, 
     err = one_line_error(capsys, export_main, ["--checkpoint", run, "--out", str(target)])
     assert err.startswith(f"error: --out '{target}': is a directory")
     assert sorted(os.listdir(tmp_path)) == ["run", "teacher.pth"] and os.listdir(target) == []
+
+
+def test_changed_model_shape_on_resume(digits_dir, tmp_path, train_args, capsys):
+    from massl.config import load_config
+    from massl.train import train
+
+    train(load_config(None, train_args + ["run.max_steps=1"]))
+    err = one_line_error(capsys, train_main, train_args + ["run.max_steps=2", "model.depth=3"])
+    assert err.startswith("error: run.resume: checkpoint ") and "model.depth 2 -> 3" in err

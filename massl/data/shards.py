@@ -6,7 +6,6 @@ of its file name (webdataset's convention): `000000123.jpg`, `000000123.cls`, `0
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -70,16 +69,6 @@ def iter_samples(tar: tarfile.TarFile, skip: int = 0) -> Iterator[tuple[str, dic
         raise
     if key is not None and index >= skip:
         yield key, files
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
-    """(hex digest, size in bytes)."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
 
 
 def shard_manifest(shards: list[dict], source: str, options: dict, classes: dict, skipped: list[dict]) -> dict:
