@@ -38,7 +38,7 @@ SBATCH = os.path.join(ROOT, "launch", "slurm", "train.sbatch")
 MAX_STEPS = 60
 # Beyond max_steps: the only checkpoint the restart can resume from is the one the signal wrote.
 CHECKPOINT_EVERY = 1000
-DEADLINE_S = 120
+DEADLINE_S = 300  # per wait; generous: a loaded 2-core machine runs these jobs one after the other
 KILL_WAIT_S = 5  # the test cluster's KillWait
 CHECKPOINT_SLEEP_S = 8  # the preempted job's checkpoint takes longer than KillWait
 # Installed through PYTHONPATH in the preempted job's first run only: note when each checkpoint

@@ -79,8 +79,8 @@ def is_complete(directory: str) -> tuple[bool, str]:
 
 def verify(directory: str, group=None) -> tuple[bool, str]:
     """(ok, reason): complete (is_complete), and every file has the sha256 recorded at save time
-    (collective: each rank hashes its share)."""
-    ok, reason = is_complete(directory)
+    (collective: each rank hashes its share; the main rank's view of the sizes decides for all)."""
+    ok, reason = broadcast_object(is_complete(directory), group)
     if not ok:
         return ok, reason
     recorded = read_checkpoint_manifest(directory).get("sha256", {})

@@ -94,7 +94,7 @@ def start_history(output_dir: str, ckpt: CheckpointManager, base: Optional[str])
     what belongs to another history (module docstring)."""
     manifest = read_checkpoint_manifest(base) if base else {}
     ckpt.history = manifest.get("history") or uuid.uuid4().hex[:12]
-    here = base is not None and os.path.dirname(os.path.abspath(base)) == os.path.abspath(ckpt.root)
+    here = base is not None and os.path.dirname(os.path.realpath(base)) == os.path.realpath(ckpt.root)
     other = [path for step, path in ckpt.step_dirs() if not (here and _same_history(path, step, manifest))]
     outputs = [os.path.join(output_dir, name) for name in RUN_OUTPUTS if not here]
     outputs = [p for p in outputs if os.path.exists(p)]
