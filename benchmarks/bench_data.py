@@ -207,7 +207,7 @@ def device_cost(blobs: list[bytes], d: DataConfig, device: torch.device, batch: 
     """prepare() per image on `device`: device time (CUDA events) and the calling process's CPU time."""
     aug = MultiCropAugmentation(d, photometric_on_device=True)
     prepare = DevicePrepare(d, True, aug)
-    batches = [collate([(aug.load(blobs[(r * batch + i) % len(blobs)], sample_rng(0, r, i)), 0, i)
+    batches = [collate([(aug.load(blobs[(r * batch + i) % len(blobs)], sample_rng(0, r, i)), 0, i, ())
                         for i in range(batch)]) for r in range(2)]
     if device.type == "cuda":  # as the DataLoader hands them over
         batches = [b.pin_memory() for b in batches]

@@ -26,12 +26,13 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from massl.data.shards import (MANIFEST_NAME, expand_shard_urls, iter_samples, open_tar, read_shard_manifest,
-                               sha256_file, shard_manifest)
-from massl.fileio import write_json_atomic
+                               shard_manifest)
+from massl.errors import fail
+from massl.fileio import sha256_file, write_json_atomic
 from massl.logging import setup_logging
 from massl.progress import Progress
 
-from .shard_inputs import class_map, list_inputs, load_checked, load_chunk
+from .shard_inputs import class_map, exit_with_parent, list_inputs, load_checked, load_chunk
 
 log = logging.getLogger("massl")
 
@@ -114,7 +115,8 @@ def checked_images(items, max_side: int, quality: int, workers: int, chunk: int 
         yield from (load_checked(i.path, max_side, quality) for i in items)
         return
     chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         window: deque = deque()
         for c in chunks:
             window.append(pool.submit(load_chunk, [i.path for i in c], max_side, quality))
@@ -139,15 +141,15 @@ def start_or_resume(out: str, prefix: str, fingerprint: str, overwrite: bool) ->
                 os.remove(p)
         return fresh
     if os.path.exists(manifest_path):
-        raise FileExistsError(f"{out} already holds finished shards ({MANIFEST_NAME}); pass --overwrite to replace them")
+        raise FileExistsError(f"--out {out}: already holds finished shards ({MANIFEST_NAME}); pass --overwrite to replace them")
     if not os.path.exists(journal_path):
         if own_files(out, prefix):
-            raise FileExistsError(f"{out} already holds {prefix}-*.tar files; pass --overwrite to replace them")
+            raise FileExistsError(f"--out {out}: already holds {prefix}-*.tar files; pass --overwrite to replace them")
         return fresh
     with open(journal_path) as f:
         journal = json.load(f)
     if journal.get("fingerprint") != fingerprint:
-        raise ValueError(f"{out} holds an interrupted run with other inputs or options; rerun it with the same "
+        raise ValueError(f"--out {out}: holds an interrupted run with other inputs or options; rerun it with the same "
                          f"arguments to resume, or pass --overwrite to start again")
     kept = []
     for s in journal["shards"]:  # keep the prefix of completed shards whose bytes still match
@@ -173,7 +175,7 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
                  overwrite: bool = False, progress: bool = True) -> dict:
     """Write the shards and manifest.json of `source` into `out`; returns the manifest."""
     if maxcount < 1 or maxsize < RECORD:
-        raise ValueError(f"--maxcount must be >= 1 and --maxsize >= {RECORD} bytes")
+        raise ValueError(f"--maxcount {maxcount}, --maxsize {maxsize}: need --maxcount >= 1 and --maxsize >= {RECORD} bytes")
     items = list_inputs(source)
     classes = class_map(items)
     if shuffle:
@@ -184,6 +186,7 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
     os.makedirs(out, exist_ok=True)
     journal = start_or_resume(out, prefix, fingerprint, overwrite)
     journal_path = os.path.join(out, JOURNAL_NAME)
+    write_json_atomic(journal_path, journal)  # before the first shard: a run killed at once resumes too
     bar = Progress(len(items), journal["next_input"], enabled=progress)
     writer, first_input, skipped_here = None, journal["next_input"], []
 
@@ -230,12 +233,20 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
 
 
 def scan_shard(path: str) -> dict:
-    """Recount a shard: samples, bytes, sha256, and the read error if it is damaged."""
+    """Recount a shard: samples, bytes, sha256, and the read error if it is damaged.
+
+    tarfile reads a tar cut at (or inside) a member header as a shorter complete one, so the
+    end-of-archive marker (two zero blocks) that every tar writer puts after the last member
+    is checked too."""
     digest, size = sha256_file(path)
     record = {"name": os.path.basename(path), "samples": 0, "bytes": size, "sha256": digest}
     try:
         with open(path, "rb") as f:
-            record["samples"] = sum(1 for _ in iter_samples(open_tar(f)))
+            tar = open_tar(f)
+            record["samples"] = sum(1 for _ in iter_samples(tar))
+            f.seek(tar.offset)
+            if f.read(2 * BLOCK) != bytes(2 * BLOCK):
+                raise tarfile.ReadError(f"truncated: no end-of-archive marker after the member ending at byte {tar.offset}")
     except (tarfile.TarError, EOFError, OSError) as e:
         record["error"] = f"{type(e).__name__}: {e}"
     return record
@@ -266,12 +277,12 @@ def index(urls: list[str], out: str) -> dict:
     paths = [p for u in urls for p in expand_shard_urls(u)]
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(folders) != 1 or os.path.dirname(os.path.abspath(out)) not in folders:
-        raise ValueError("index: the shards must share one folder, and --out must be a file in it")
+        raise ValueError(f"index --out {out}: the shards must share one folder, and --out must be a file in it")
     shards = []
     for p in paths:
         s = scan_shard(p)
         if "error" in s:
-            raise ValueError(f"index: {p} is damaged ({s['error']})")
+            raise ValueError(f"index: {p}: is damaged ({s['error']}); rewrite or leave out this shard")
         shards.append(s)
     manifest = shard_manifest(shards, "index", {}, {}, [])
     write_json_atomic(out, manifest)
@@ -279,8 +290,16 @@ def index(urls: list[str], out: str) -> dict:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done (verify: all good), 1 verify found problems, 2 a user error (one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     setup_logging(quiet="--quiet" in argv)
+    try:
+        return run(argv)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        fail(e)
+
+
+def run(argv: list[str]) -> int:
     if argv[:1] == ["verify"]:
         p = argparse.ArgumentParser(prog="massl-shard verify", description="Re-check shards against manifest.json")
         p.add_argument("folder")
@@ -313,12 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     a = p.parse_args(argv)
-    try:
-        write_shards(a.source, a.out, a.prefix, a.maxcount, a.maxsize, a.seed, not a.no_shuffle, a.workers,
-                     a.max_side, a.quality, a.overwrite, progress=not a.quiet)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"massl-shard: {e}", file=sys.stderr)
-        return 2
+    write_shards(a.source, a.out, a.prefix, a.maxcount, a.maxsize, a.seed, not a.no_shuffle, a.workers,
+                 a.max_side, a.quality, a.overwrite, progress=not a.quiet)
     return 0
 
 

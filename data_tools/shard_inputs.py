@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,7 +50,7 @@ def list_file(path: str) -> list[Item]:
         label = r[1].strip() if len(r) > 1 and r[1].strip() else None
         items.append(Item(p if os.path.isabs(p) else os.path.join(base, p), label))
     if not items:
-        raise ValueError(f"{path} lists no images")
+        raise ValueError(f"SOURCE {path}: lists no images")
     return items
 
 
@@ -57,7 +59,7 @@ def list_inputs(source: str) -> list[Item]:
         return list_folder(source)
     if os.path.isfile(source):
         return list_file(source)
-    raise FileNotFoundError(f"input {source!r} is neither an image folder nor a list file")
+    raise FileNotFoundError(f"SOURCE {source!r}: is neither an image folder nor a list file (.txt, .csv)")
 
 
 def class_map(items: list[Item]) -> dict[str, int]:
@@ -73,6 +75,8 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
     `max_side`. Returns {data, ext, width, height, bytes} or {error}."""
     from PIL import Image
 
+    from massl.image import to_rgb
+
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -81,7 +85,7 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
             img.load()
             if max_side and max(w, h) > max_side:
                 s = max_side / max(w, h)
-                img = img.convert("RGB" if img.mode not in ("RGB", "L") else img.mode)
+                img = to_rgb(img)
                 img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS, reducing_gap=3.0)
                 out = io.BytesIO()
                 img.save(out, "JPEG", quality=quality)
@@ -92,6 +96,18 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
         return {"error": "UnidentifiedImageError: not an image format PIL can read"}
     except Exception as e:  # any failure to read or decode means: skip this file and list why
         return {"error": f"{type(e).__name__}: {e}"}
+
+
+def exit_with_parent(parent: int) -> None:
+    """Worker pool initializer: end this worker once massl-shard is gone. A pool worker waits on
+    its task queue forever when the process that owns the pool is killed (kill -9, OOM killer)
+    without shutting the pool down."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="massl-shard-parent-watch", daemon=True).start()
 
 
 def load_chunk(paths: list[str], max_side: int, quality: int) -> list[dict]:

@@ -4,17 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import UserError
+from .errors import fail as _fail
 
-
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+TRUST_HELP = ("read a checkpoint without teacher/teacher.safetensors (older massl) through its pickled files, "
+              "which can run code: only for checkpoints from a source you trust")
 
 
 def train_main(argv=None) -> None:
+    """Exit status: 0 trained to the end, 2 a user error, STOPPED_EXIT (75) stopped by SIGTERM or
+    SIGUSR1 at a checkpoint (the same command continues the run), 1 anything else."""
     p = argparse.ArgumentParser(
         prog="massl-train", description="MaSSL pretraining. Settings: YAML (--config) then dotted key=value overrides.",
         epilog="example: massl-train --config configs/quickstart.yaml optim.lr=1e-3 data.batch_size=32")
@@ -24,17 +25,22 @@ def train_main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, check_paths=not args.print_config)
-    except ConfigError as e:
-        _fail(str(e))
+    except UserError as e:
+        _fail(e)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
-    from .train import train
+    from .signals import exit_stopped, stop_signals_recorded
 
-    try:
-        train(cfg)
-    except ConfigError as e:
-        _fail(str(e))
+    with stop_signals_recorded():  # from here on a stop signal is never lost
+        from .train import train
+
+        try:
+            summary = train(cfg)
+        except UserError as e:
+            _fail(e)
+        if summary.get("stopped_by_signal"):
+            exit_stopped()
 
 
 def _default_eval_out(checkpoint_dir: str, name: str) -> str:
@@ -58,7 +64,8 @@ def _evaluate(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, key="--device")
-    backbone, cfg = load_teacher_backbone(ckpt_dir, random_init=args.random_init, seed=args.seed)
+    backbone, cfg = load_teacher_backbone(ckpt_dir, random_init=args.random_init, seed=args.seed,
+                                          trust=args.trust_checkpoint)
     tf = eval_transform(cfg, args.image_size, args.crop_ratio)
     train_f, train_y, classes = extract_features(backbone, args.train, tf, args.batch_size, args.workers, device)
     val_f, val_y, val_classes = extract_features(backbone, args.val, tf, args.batch_size, args.workers, device)
@@ -109,6 +116,7 @@ def _common_eval_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     k.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random initialisation")
+    k.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     k.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     k.add_argument("--out", default="", help="JSON result file (default: <run>/eval/<cmd>[-random]-<checkpoint>.json)")
 
@@ -117,13 +125,14 @@ def export_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="massl-export", description="Write the teacher backbone as a timm state dict.")
     p.add_argument("--checkpoint", required=True, help="run directory (newest complete checkpoint) or checkpoint directory")
     p.add_argument("--out", required=True, help="output file: .safetensors, .pth or .pt (timm spec in <out>.json)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = p.parse_args(argv)
     from .export import export_teacher
 
     try:
-        spec = export_teacher(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        spec = export_teacher(args.checkpoint, args.out, args.trust_checkpoint)
+    except (OSError, ValueError) as e:
+        _fail(e)
     kw = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     print(f"wrote {args.out}; load with timm.create_model({spec['model_name']!r}, {kw}) "
           f"and load_state_dict(..., strict=True)")

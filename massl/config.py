@@ -13,11 +13,12 @@ from typing import Any, Optional, get_origin, get_type_hints
 
 import yaml
 
+from .errors import UserError
 
 MIN_TEMPERATURE = 0.025
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key has a bad value; the message names the key and says what to change."""
 
 
@@ -237,6 +238,14 @@ def _merge(obj: Any, data: dict, prefix: str = "", strict: bool = True) -> None:
             setattr(obj, k, _convert(key, v, hints[k]))
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """'line 3, column 7: mapping values are not allowed here' (PyYAML's message spans several lines)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def _dotted_to_nested(overrides: list[str]) -> list[dict]:
     out = []
     for item in overrides:
@@ -246,7 +255,7 @@ def _dotted_to_nested(overrides: list[str]) -> list[dict]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(f"{key}: cannot parse value {raw!r} ({yaml_problem(e)}); quote it or fix it") from None
         nested: dict = {}
         cur = nested
         parts = key.strip().split(".")
@@ -264,7 +273,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not os.path.isfile(path):
             raise ConfigError(f"--config: file {path!r} does not exist")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--config {path}: not valid YAML ({yaml_problem(e)}); fix the file") from None
         _merge(cfg, data)
     for nested in _dotted_to_nested(overrides or []):
         _merge(cfg, nested)
@@ -385,6 +397,12 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         if r.resume not in ("auto", "never"):
             _require(os.path.isdir(r.resume), "run.resume",
                      f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
+            _require(not os.path.isdir(os.path.join(r.resume, "checkpoints")), "run.resume",
+                     f"{r.resume!r} is a run directory, not one of its checkpoints; continue it with "
+                     f"run.output_dir={r.resume} run.resume=auto, or name a checkpoint, e.g. {r.resume}/checkpoints/step_...")
+            _require(os.path.isfile(os.path.join(r.resume, "manifest.json")), "run.resume",
+                     f"{r.resume!r} holds no manifest.json: not a complete massl checkpoint; name a checkpoint "
+                     f"directory (<run>/checkpoints/step_...)")
     _require(not (r.precision == "fp16" and device_type == "cpu"), "run.precision",
              "fp16 needs a CUDA device (it uses a loss scaler); use fp32 (fastest on a CPU) or bf16")
     _check_no_effect(cfg, warn=world_size is not None)

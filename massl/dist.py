@@ -177,6 +177,24 @@ def barrier(group: Optional[dist.ProcessGroup] = None) -> None:
         dist.barrier(group=group)
 
 
+def broadcast_object(obj, group: Optional[dist.ProcessGroup]):
+    """The group's first rank's `obj` (small, picklable) on every rank."""
+    if group is None or dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def gather_objects(obj, group: Optional[dist.ProcessGroup]) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+    if group is None or dist.get_world_size(group) == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 # ----------------------------------------------------------------------------- local ranks (tests, benchmarks)
 
 

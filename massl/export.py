@@ -15,22 +15,30 @@ from .fileio import write_json_atomic
 from .models import backbone_spec
 
 
-def export_teacher(checkpoint: str, out: str) -> dict:
+def export_teacher(checkpoint: str, out: str, trust_checkpoint: bool = False) -> dict:
+    """Write the teacher backbone of `checkpoint` (a run or checkpoint directory) to `out`;
+    `trust_checkpoint`: also read a checkpoint without teacher.safetensors (pickles: can run code)."""
     if not out.endswith((".safetensors", ".pth", ".pt")):
         raise ValueError(f"--out {out!r}: use a .safetensors, .pth or .pt file name")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r}: is a directory; give a file name in it")
     ckpt_dir = resolve_checkpoint(checkpoint)
     cfg = read_config(ckpt_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in read_teacher_backbone(ckpt_dir).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in read_teacher_backbone(ckpt_dir, trust_checkpoint).items()}
     spec = {**backbone_spec(cfg.model, cfg.data.global_crop_size), "checkpoint": os.path.abspath(ckpt_dir),
             "mean": cfg.data.aug.mean, "std": cfg.data.aug.std}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
-    if out.endswith(".safetensors"):
-        from safetensors.torch import save_file
+    try:
+        if out.endswith(".safetensors"):
+            from safetensors.torch import save_file
 
-        save_file(state, tmp, metadata={"massl": json.dumps(spec)})
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, out)
+            save_file(state, tmp, metadata={"massl": json.dumps(spec)})
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, out)
+    finally:  # a failed write leaves nothing behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     write_json_atomic(out + ".json", spec)
     return spec

@@ -1,6 +1,8 @@
-"""Crash-safe small-file writes: a reader sees the old file or the new one, never half of one."""
+"""Crash-safe small-file writes (a reader sees the old file or the new one, never half of one)
+and file checksums."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -26,3 +28,13 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=1))
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(hex digest, size in bytes)."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size

@@ -77,11 +77,13 @@ class MetricsLogger:
         self.t0, self.step0 = time.perf_counter(), start_step
         if not enabled:
             return
+        # Appended to on a resume: records after the resumed step were moved aside (checkpoint/resume.py).
         self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "tb"))
+            # purge_step: TensorBoard drops the events a crashed run logged after the resumed step
+            self.writer = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, epoch: int, metrics: dict, images_per_step: int) -> None:
         """`metrics`: plain floats. Adds throughput and ETA from the wall time since the last call."""
@@ -106,6 +108,7 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()  # a SIGKILL loses at most the record being written
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,31 +1,78 @@
 """Stop cleanly on SIGTERM / SIGUSR1 (Slurm preemption, requeue, time limit, `kill`).
 
 The handler only records the signal; the loop polls `agreed()` every few steps, an all-reduce
-that makes every rank stop after the same step, then writes a checkpoint and returns.
+that makes every rank stop after the same step, then writes a checkpoint and returns. massl-train
+then exits with STOPPED_EXIT, which tells a launcher (launch/slurm/train.sbatch) that the run
+stopped at a checkpoint and resumes when started again.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
+from typing import NoReturn
 
 import torch
 
 from .dist import all_reduce_
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOPPED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped early by a signal, checkpoint written; run again to continue
+_early: list[int] = []  # stop signals received before the loop's StopOnSignal was installed
+
+
+def _record_early(signum, frame) -> None:
+    _early.append(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_recorded():
+    """Record stop signals until the loop installs StopOnSignal, which then acts on them: Python's
+    default for SIGUSR1 is to die, and start-up (a resume's checkpoint load included) can take
+    minutes. The previous handlers come back at the end, unless the body set others (exit_stopped)."""
+    previous = {s: signal.signal(s, _record_early) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if signal.getsignal(s) is _record_early:
+                signal.signal(s, handler)
+        _early.clear()
+
+
+def exit_stopped() -> NoReturn:
+    """Exit with STOPPED_EXIT after a stop at a checkpoint, ignoring SIGTERM from here on: a
+    launcher that ends every rank at the first non-zero exit (srun --kill-on-bad-exit) would
+    otherwise turn the other ranks' own exit 75 into a death by SIGTERM (status 143)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(STOPPED_EXIT)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: the stop signals are the training process's business.
+    """DataLoader `worker_init_fn`: stop signals are the training process's business, unless they
+    come from the training process itself.
 
     Slurm signals every process of a task, and so does `kill` of a process group: the loader
     workers get SIGTERM too. torch's worker handler dies on a SIGTERM that does not come from its
     parent, and the training process then raises "DataLoader worker ... killed by signal" instead
-    of checkpointing. Ignored here, the workers end with the loader when the process exits (or
-    on their parent's death, or SIGKILL).
+    of checkpointing: such signals are ignored here. A SIGTERM from the parent still ends the
+    worker (as torch's handler does): that is how the parent ends its loader, and how
+    multiprocessing ends its children when the parent exits, after an error too (ignoring it made
+    the exit wait for the workers forever). A signal handler cannot see the sender, so the signals
+    are blocked and a thread takes them with `sigwaitinfo`, which can.
     """
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
+
+    def take_signals() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_signals, name="massl-worker-signals", daemon=True).start()
 
 
 class StopOnSignal:
@@ -41,6 +88,8 @@ class StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
+            if _early:
+                self.received = _early[-1]
         return self
 
     def uninstall(self) -> None:

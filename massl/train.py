@@ -12,10 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import CheckpointManager, read_checkpoint_manifest
+from .checkpoint.resume import check_config, checkpoint_to_resume, start_history
+from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
 from .data import build_data
-from .dist import DistEnv, all_reduce_, init_distributed, world_of
+from .dist import DistEnv, all_reduce_, barrier, init_distributed, world_of
 from .engines import Engine, build_engine
+from .fileio import write_text_atomic
 from .logging import MetricsLogger, log, peak_memory_gib, setup_logging
 from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
 from .memory import MemoryBank
@@ -109,19 +112,24 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
 
 
 def resume(run: Run) -> str | None:
-    """Load the checkpoint that run.resume names (auto: the newest complete one); returns its path."""
-    setting = run.cfg.run.resume
-    directory = None if setting == "never" else run.ckpt.latest_complete() if setting == "auto" else setting
-    if directory is None:
-        return None
-    manifest = read_checkpoint_manifest(directory)
-    fmt, engine = manifest.get("format", "torch"), run.engine
-    if fmt != engine.checkpoint_format:
-        raise ConfigError(
-            f"run.resume: checkpoint {directory} was written by engine {manifest.get('engine', '?')!r} (format "
-            f"{fmt!r}); engine.name={engine.name} reads format {engine.checkpoint_format!r}. Resume with the engine "
-            f"that wrote it, or start fresh with run.resume=never or a new run.output_dir")
-    run.ckpt.load(directory, run.parts)
+    """Load the checkpoint that run.resume names (auto: the newest verified one) after checking
+    that this run may continue it, and keep one history in the run directory (checkpoint/resume.py);
+    returns the checkpoint's path."""
+    directory = checkpoint_to_resume(run.cfg, run.ckpt)
+    if directory is not None:
+        manifest = read_checkpoint_manifest(directory)
+        fmt, engine = manifest.get("format", "torch"), run.engine
+        if fmt != engine.checkpoint_format:
+            raise ConfigError(
+                f"run.resume: checkpoint {directory} was written by engine {manifest.get('engine', '?')!r} (format "
+                f"{fmt!r}); engine.name={engine.name} reads format {engine.checkpoint_format!r}. Resume with the "
+                f"engine that wrote it, or start fresh with run.resume=never or a new run.output_dir")
+        check_config(directory, run.cfg, run.env.world_size)
+    if run.env.is_main:
+        start_history(run.cfg.run.output_dir, run.ckpt, directory)
+    barrier(run.env.group)
+    if directory is not None:
+        run.ckpt.load(directory, run.parts)
     return directory
 
 
@@ -175,7 +183,8 @@ def log_metrics(run: Run, logger: MetricsLogger, window: StepWindow, step: int, 
 def save_checkpoint(run: Run, window: StepWindow, step: int) -> None:
     window.check_finite(run)  # never seal a checkpoint of a diverged run
     run.state.step = step
-    run.ckpt.save(step, run.parts, meta={
+    parts = {**run.parts, TEACHER_PART: TeacherFile(run.engine, run.env.is_main)}  # the file the tools read
+    run.ckpt.save(step, parts, meta={
         "format": run.engine.checkpoint_format, "engine": run.engine.name, "world_size": run.env.world_size,
         "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict()})
 
@@ -187,9 +196,6 @@ def prepare_process(cfg: Config, env: DistEnv) -> None:
         # Denormal floats (tiny probabilities, gradients) made CPU steps 3x slower as training went on.
         torch.set_flush_denormal(True)
     os.makedirs(cfg.run.output_dir, exist_ok=True)
-    if env.is_main:
-        with open(os.path.join(cfg.run.output_dir, "config.yaml"), "w") as f:
-            f.write(cfg.to_yaml())
 
 
 def train(cfg: Config, env: DistEnv | None = None) -> dict:
@@ -200,6 +206,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     prepare_process(cfg, env)
     run = build_run(cfg, env)
     resumed_from = resume(run)
+    if env.is_main:  # only once the run starts: a refused resume leaves the run's config.yaml alone
+        write_text_atomic(os.path.join(cfg.run.output_dir, "config.yaml"), cfg.to_yaml())
     step, stop, ipe = run.state.step, run.stop_step, run.data.iters_per_epoch
     log.info(f"massl: engine {run.engine.name}, {env.world_size} rank(s) on {env.device.type}, precision "
              f"{run.engine.precision}, global batch {run.global_batch}, {ipe} steps/epoch, steps {step} -> {stop}"

@@ -11,9 +11,8 @@ import hashlib
 import os
 
 import torch
-import torch.distributed as dist
 
-from .dist import DistEnv
+from .dist import DistEnv, gather_objects
 
 STATE_FILE = "state.pt"
 
@@ -32,12 +31,7 @@ class TrainerState:
 
     def rng_states(self) -> list[dict]:
         """Every rank's RNG state, in rank order (collective)."""
-        local = _rng_state(self.env.device)
-        if self.env.world_size == 1:
-            return [local]
-        states: list = [None] * self.env.world_size
-        dist.all_gather_object(states, local, group=self.env.group)
-        return states
+        return gather_objects(_rng_state(self.env.device), self.env.group)
 
     def save(self, directory: str) -> None:
         states = self.rng_states()

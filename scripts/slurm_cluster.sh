@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A private single-node Slurm cluster, everything under one directory (for tests and local trials).
 #   scripts/slurm_cluster.sh start DIR   # prints "export SLURM_CONF=DIR/slurm.conf"
+#   KILL_WAIT=5 scripts/slurm_cluster.sh start DIR   # KillWait (default 30 s, Slurm's default)
 #   scripts/slurm_cluster.sh stop DIR    # cancels the jobs, shuts the daemons down, ends munged
 # Needs slurmctld, slurmd, munged (Debian: apt-get install slurm-wlm munge) and root: the daemons
 # run as root with a private munge key and socket, no systemd, no cgroups. Installs nothing.
@@ -91,8 +92,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MinJobAge=600
-# Seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or timed out (Slurm's default)
-KillWait=30
+# Seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or timed out
+KillWait=${KILL_WAIT:-30}
 NodeName=$host NodeAddr=127.0.0.1 $node RealMemory=$((mem * 9 / 10))
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -38,7 +38,7 @@ def photos() -> list[bytes]:
 
 
 def samples(aug: M.MultiCropAugmentation, blobs: list[bytes]) -> list:
-    return [(aug.load(b, M.sample_rng(0, 0, i)), 0, i) for i, b in enumerate(blobs)]
+    return [(aug.load(b, M.sample_rng(0, 0, i)), 0, i, ()) for i, b in enumerate(blobs)]
 
 
 def test_resample_weights_are_torchs_antialiased_resize():
@@ -61,7 +61,7 @@ def test_device_decode_cuts_the_cpu_paths_crops(photos):
     d = DataConfig(decode="device")
     on_device, cpu_path = M.MultiCropAugmentation(d), M.MultiCropAugmentation(DataConfig(), photometric_on_device=True)
     dev, cpu = samples(on_device, photos), samples(cpu_path, photos)
-    for i, ((views, _, _), blob) in enumerate(zip(dev, photos)):
+    for i, ((views, _, _, _), blob) in enumerate(zip(dev, photos)):
         width, height = Image.open(io.BytesIO(blob)).size
         boxes = [p.box for p in cpu_path.draw(M.sample_rng(0, 0, i), width, height)]
         if i < 4:

@@ -5,7 +5,8 @@ global-norm clipping) checkpoints every 3 steps; both ranks are SIGKILLed inside
 step 6, after their files are written but before the checkpoint is sealed. Two newer sealed-looking
 checkpoints are planted, one with a truncated shard file and one without a manifest. The restart
 with `resume: auto` must skip all three, continue from step 3, and reproduce the killed run's
-losses of steps 4-6 (which it logged before the kill, uninterrupted up to there).
+losses of steps 4-6 (which it logged before the kill, uninterrupted up to there; the restart
+moves those records aside, so metrics.jsonl logs each step once).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from massl.checkpoint import MANIFEST, is_complete
-from tests.engines_common import read_metrics, step_dir, tiny_config, write_images
+from tests.engines_common import losses, step_dir, tiny_config, write_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
@@ -127,11 +128,13 @@ def test_fsdp_run_killed_mid_checkpoint_resumes_and_reproduces_losses(tmp_path):
     assert f"resumed from {step_dir(out, 3)}" in text
     assert "step_000000005 is incomplete" in text and "step_000000004 is incomplete" in text
 
-    metrics = read_metrics(out)
-    restart = next(i for i in range(1, len(metrics)) if metrics[i]["step"] <= metrics[i - 1]["step"])
-    killed = {m["step"]: m["loss"] for m in metrics[:restart]}
-    resumed = {m["step"]: m["loss"] for m in metrics[restart:]}
-    assert sorted(killed) == [1, 2, 3, 4, 5, 6] and sorted(resumed) == [4, 5, 6, 7]
+    # Each step logged once: the killed run's records after step 3 (and the look-alike step 4 and
+    # 5 directories) went aside with a message.
+    assert "moved what belongs to another history (2 checkpoint(s), 3 metrics record(s)" in text
+    resumed = losses(out)
+    (aside,) = os.listdir(os.path.join(out, "superseded"))
+    killed = losses(os.path.join(out, "superseded", aside))
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6, 7] and sorted(killed) == [4, 5, 6]
     for s in (4, 5, 6):
         assert abs(resumed[s] - killed[s]) <= 1e-6 * abs(killed[s]), f"step {s}: {resumed[s]} vs {killed[s]}"
     assert is_complete(step_dir(out, 7))[0]

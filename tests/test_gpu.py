@@ -94,7 +94,7 @@ def test_device_decode_on_cuda_matches_the_cpu_device(caplog):
     decoder = DeviceDecoder(aug)
 
     def batch():
-        return collate([(aug.load(b, M.sample_rng(0, 0, i)), 0, i) for i, b in enumerate(blobs)]).pin_memory()
+        return collate([(aug.load(b, M.sample_rng(0, 0, i)), 0, i, ()) for i, b in enumerate(blobs)]).pin_memory()
 
     gpu_batch = batch()
     on_gpu = decoder(gpu_batch, torch.device("cuda"))

@@ -91,7 +91,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
 
 def test_sigterm_checkpoints_and_exits(digits_dir, tmp_path):
     """A preempted job (SIGTERM from Slurm or kill) saves a checkpoint at the step all ranks agree
-    on, off the checkpoint_every grid, and exits 0 (resuming from it is what the tests above check)."""
+    on, off the checkpoint_every grid, and exits 75 (resuming from it is what the tests above check)."""
     import signal
     import subprocess
     import sys
@@ -109,9 +109,26 @@ def test_sigterm_checkpoints_and_exits(digits_dir, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stdout
+    assert proc.returncode == 75, stdout  # massl.signals.STOPPED_EXIT
     assert "stop signal received" in stdout
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["stopped_by_signal"] and 3 <= summary["final_step"] < 400
     saved = CheckpointManager(out, 3).latest_complete()
     assert saved.endswith(f"step_{summary['final_step']:09d}")
+
+
+def test_a_stop_signal_during_start_up_is_kept(tiny_config, tmp_path):
+    """massl-train records stop signals from its start (stop_signals_recorded): one that arrives
+    before the loop's handler exists (Python's default for SIGUSR1 is to die) stops the run at
+    its first check, with a checkpoint."""
+    import signal
+
+    from massl.signals import stop_signals_recorded
+
+    out = str(tmp_path / "early")
+    with stop_signals_recorded():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        summary = train(tiny_config("run.max_steps=30", "run.checkpoint_every=1000", output_dir=out))
+    assert summary["stopped_by_signal"] and summary["final_step"] == 1
+    assert CheckpointManager(out, 3).latest_complete().endswith("step_000000001")
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the previous handler is back

@@ -105,7 +105,9 @@ def test_refuses_to_overwrite(folder, tmp_path):
     write_shards(root, out, maxcount=8, progress=False)
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_shards(root, out, maxcount=8, progress=False)
-    assert main([root, "--out", out, "--quiet"]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main([root, "--out", out, "--quiet"])
+    assert exited.value.code == 2
     os.remove(os.path.join(out, "manifest.json"))  # stray shards without a journal are protected too
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_shards(root, out, maxcount=8, progress=False)
@@ -174,3 +176,107 @@ def test_index_recounts_existing_shards(folder, tmp_path):
     assert main(["index", "--out", idx, os.path.join(out, "shard-{000000..000003}.tar")]) == 0
     got = json.load(open(idx))
     assert got["shards"] == m["shards"] and got["total_samples"] == m["total_samples"]
+
+
+def test_killed_before_the_first_shard_resumes(folder, tmp_path, monkeypatch):
+    """A run killed while writing its first shard is continued by a rerun (it was refused: a
+    .partial shard without a journal looked like someone else's files)."""
+    root, _ = folder
+    ref = write_shards(root, str(tmp_path / "ref"), maxcount=3, progress=False)
+    out = str(tmp_path / "out")
+    finish = shard_tool.ShardWriter.finish
+
+    def killed(self):
+        self.tar.fileobj.write(b"half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shard_tool.ShardWriter, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(root, out, maxcount=3, progress=False)
+    monkeypatch.setattr(shard_tool.ShardWriter, "finish", finish)
+    assert "shard-000000.tar.partial" in os.listdir(out)
+    m = write_shards(root, out, maxcount=3, progress=False)
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in ref["shards"]]
+    assert verify(out) == []
+
+
+def member_ends(path: str) -> list[int]:
+    """Byte offset after each member's padded data, read with plain tarfile."""
+    with tarfile.open(path) as t:
+        return [m.offset_data + -(-m.size // 512) * 512 for m in t.getmembers()]
+
+
+@pytest.mark.parametrize("cut", ["after_a_member", "inside_a_header", "before_the_end_marker"])
+def test_index_refuses_a_truncated_shard(folder, tmp_path, cut):
+    root, _ = folder
+    out = str(tmp_path / "shards")
+    write_shards(root, out, maxcount=5, progress=False)
+    path = os.path.join(out, "shard-000001.tar")
+    ends = member_ends(path)
+    size = {"after_a_member": ends[-4], "inside_a_header": ends[-4] + 100, "before_the_end_marker": ends[-1]}[cut]
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    with pytest.raises(ValueError, match="shard-000001.tar: is damaged .*truncated"):
+        shard_tool.index([os.path.join(out, "shard-{000000..000003}.tar")], os.path.join(out, "index.json"))
+    assert not os.path.exists(os.path.join(out, "index.json"))
+
+
+def descendants(pid: int) -> list[int]:
+    """Live (non-zombie) processes whose parent is `pid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_leaves_no_worker_behind(tmp_path):
+    """massl-shard --workers 2 killed with SIGKILL: its pool workers end too (they waited on their
+    task queue forever)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.RandomState(2).randint(0, 256, (600, 600, 3), dtype=np.uint8)).save(big)
+    (tmp_path / "list.txt").write_text(f"{big}\n" * 4000)  # minutes of work: still running when killed
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools.shard", str(tmp_path / "list.txt"), "--out",
+                             str(tmp_path / "out"), "--workers", "2", "--quiet"], env={**os.environ, "PYTHONPATH": root},
+                            start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [p for p in descendants(proc.pid)
+                       if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(workers) == 2 and proc.poll() is None
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in workers if alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in workers:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -1,16 +1,20 @@
-"""Preemption on a real Slurm: launch/slurm/train.sbatch, USR1, requeue, resume, identical losses.
+"""Preemption on a real Slurm: launch/slurm/train.sbatch, USR1, checkpoint, requeue, resume,
+identical losses.
 
-A private single-node cluster (scripts/slurm_cluster.sh) runs the project's own sbatch script with
-2 tasks (engine ddp, gloo on the CPU). The test sends USR1 to the batch shell as `--signal=B:USR1@...`
-does before a time limit; the script's trap requeues the job, Slurm sends SIGTERM to the tasks, which
-checkpoint at the step both ranks agree on and exit 0 within KillWait. The job restarts
-(SLURM_RESTART_COUNT=1), resumes from that checkpoint and finishes; every logged loss must equal
-those of an uninterrupted run of the same script (fp32 CPU runs are bitwise reproducible).
-Also: a refused requeue leaves the job training, and (without Slurm) SIGTERM to a run's whole
-process group, DataLoader workers included, still gives a checkpoint.
+A private single-node cluster (scripts/slurm_cluster.sh, KillWait 5 s) runs the project's own
+sbatch script with 2 tasks (engine ddp, gloo on the CPU). The test sends USR1 to the batch shell
+as `--signal=B:USR1@...` does before a time limit; the script passes it to the tasks, which
+checkpoint at the step both ranks agree on and exit 75; only then does the script requeue the
+job. The checkpoint is made slower than KillWait (a sitecustomize hook in the job's environment
+sleeps before it): the job must survive it, i.e. the checkpoint starts before the requeue and
+the restart (SLURM_RESTART_COUNT=1) resumes from it; every logged loss must equal those of an
+uninterrupted run of the same script (fp32 CPU runs are bitwise reproducible). Also: with a
+refused requeue the job still stops at a checkpoint and ends with exit 75, and (without Slurm)
+SIGTERM to a run's whole process group, DataLoader workers included, gives a checkpoint.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -24,16 +28,34 @@ import pytest
 
 from massl.checkpoint import CheckpointManager
 from massl.config import load_config
+from massl.signals import STOPPED_EXIT
 from tests.conftest import tiny_overrides
 from tests.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "scripts", "slurm_cluster.sh")
 SBATCH = os.path.join(ROOT, "launch", "slurm", "train.sbatch")
-MAX_STEPS = 120
+MAX_STEPS = 60
 # Beyond max_steps: the only checkpoint the restart can resume from is the one the signal wrote.
 CHECKPOINT_EVERY = 1000
-DEADLINE_S = 120
+DEADLINE_S = 300  # per wait; generous: a loaded 2-core machine runs these jobs one after the other
+KILL_WAIT_S = 5  # the test cluster's KillWait
+CHECKPOINT_SLEEP_S = 8  # the preempted job's checkpoint takes longer than KillWait
+# Installed through PYTHONPATH in the preempted job's first run only: note when each checkpoint
+# starts (rank 0), then sleep, as a large checkpoint on a slow file system would take.
+SLOW_CHECKPOINT_HOOK = """
+import os, time
+if os.environ.get("MASSL_TEST_CHECKPOINT_SLEEP") and not int(os.environ.get("SLURM_RESTART_COUNT") or 0):
+    import massl.checkpoint as checkpoint
+    save = checkpoint.CheckpointManager.save
+    def slow_save(self, step, *args, **kwargs):
+        if self.is_main:
+            with open(os.environ["MASSL_TEST_CHECKPOINT_LOG"], "a") as f:
+                f.write(f"{step} {time.time()}\\n")
+        time.sleep(float(os.environ["MASSL_TEST_CHECKPOINT_SLEEP"]))
+        return save(self, step, *args, **kwargs)
+    checkpoint.CheckpointManager.save = slow_save
+"""
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +68,7 @@ def slurm(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("slurm"))
     env = {**os.environ, "SLURM_CONF": os.path.join(root, "slurm.conf")}
     try:
-        subprocess.run(["bash", CLUSTER, "start", root], check=True, env=env, timeout=60,
+        subprocess.run(["bash", CLUSTER, "start", root], check=True, env={**env, "KILL_WAIT": str(KILL_WAIT_S)}, timeout=60,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         yield env
     except subprocess.CalledProcessError as e:
@@ -66,10 +88,11 @@ def _write_config(digits_dir: str, directory) -> str:
     return path
 
 
-def _submit(slurm_env: dict, workdir: str, config: str, output_dir: str, *sbatch_args: str) -> tuple[str, str]:
+def _submit(slurm_env: dict, workdir: str, config: str, output_dir: str, *sbatch_args: str,
+            env_extra: dict | None = None) -> tuple[str, str]:
     """Submit train.sbatch with 2 tasks on the node; returns (job id, its output file)."""
     log = os.path.join(workdir, f"{os.path.basename(output_dir)}.out")
-    env = {**slurm_env, "PYTHON": sys.executable, "PYTHONPATH": ROOT, "MASTER_PORT": str(free_port())}
+    env = {**slurm_env, "PYTHON": sys.executable, "PYTHONPATH": ROOT, "MASTER_PORT": str(free_port()), **(env_extra or {})}
     # --time well above the script's --signal lead time (300 s): else USR1 comes at Slurm's first check.
     cmd = ["sbatch", "--parsable", "--ntasks=2", "--ntasks-per-node=2", "--time=10:00", f"--output={log}",
            f"--chdir={workdir}", *sbatch_args, SBATCH, config, f"run.output_dir={output_dir}"]
@@ -112,10 +135,28 @@ def _completed(slurm_env: dict, job: str, log: str):
     return done
 
 
-def test_usr1_requeues_and_the_restart_resumes_exactly(slurm, digits_dir, tmp_path):
+def _slow_checkpoint_env(directory) -> tuple[dict, str]:
+    """Job environment that makes its first run's checkpoints sleep; and the file noting their start."""
+    hook = directory / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_CHECKPOINT_HOOK)
+    started = str(directory / "checkpoint_started.txt")
+    return {"PYTHONPATH": f"{hook}:{ROOT}", "MASSL_TEST_CHECKPOINT_SLEEP": str(CHECKPOINT_SLEEP_S),
+            "MASSL_TEST_CHECKPOINT_LOG": started}, started
+
+
+def _stamp(line_start: str, out: str) -> float:
+    """Unix time of the script's log line starting with `line_start` (train.sbatch's stamp format)."""
+    m = re.search(re.escape(line_start) + r" (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [+-]\d{4})", out)
+    assert m, out
+    return datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f %z").timestamp()
+
+
+def test_usr1_checkpoints_then_requeues_and_the_restart_resumes_exactly(slurm, digits_dir, tmp_path):
     config = _write_config(digits_dir, tmp_path)
     preempted, reference = str(tmp_path / "preempted"), str(tmp_path / "reference")
-    job, log = _submit(slurm, str(tmp_path), config, preempted)
+    slow_env, started = _slow_checkpoint_env(tmp_path)
+    job, log = _submit(slurm, str(tmp_path), config, preempted, env_extra=slow_env)
     # Queued behind it; starts while the requeued job waits to restart.
     ref_job, ref_log = _submit(slurm, str(tmp_path), config, reference)
 
@@ -125,8 +166,7 @@ def test_usr1_requeues_and_the_restart_resumes_exactly(slurm, digits_dir, tmp_pa
     _wait("the reference job's completion", _completed(slurm, ref_job, ref_log), ref_log)
 
     out = _read(log)
-    assert "[massl] USR1 at" in out and "DUE TO JOB REQUEUE" in out, out
-    assert "[massl] SIGTERM at" in out, out  # the batch shell outlived the requeue's SIGTERM
+    assert "[massl] USR1 at" in out and f"[massl] exit {STOPPED_EXIT} at" in out, out
     assert f"[massl] job {job} restart 1: 2 tasks" in out, out
     assert _job(slurm, job)["Restarts"] == "1"
     assert _job(slurm, job)["ExitCode"] == "0:0"
@@ -134,7 +174,14 @@ def test_usr1_requeues_and_the_restart_resumes_exactly(slurm, digits_dir, tmp_pa
     assert len(stopped) == 1, out
     step = int(stopped[0])
     assert 3 <= step < MAX_STEPS, out
-    # The restart resumed from the checkpoint written on SIGTERM, off the checkpoint_every grid.
+    # The checkpoint started before the requeue and took longer than KillWait: the old script
+    # requeued first, and Slurm killed the tasks KillWait seconds into their checkpoint.
+    (line,) = open(started).read().splitlines()
+    ckpt_step, ckpt_start = int(line.split()[0]), float(line.split()[1])
+    requeued = _stamp("[massl] tasks checkpointed and stopped at", out)
+    assert ckpt_step == step and ckpt_start < requeued
+    assert requeued - ckpt_start >= CHECKPOINT_SLEEP_S > KILL_WAIT_S
+    # The restart resumed from the checkpoint written on USR1, off the checkpoint_every grid.
     assert re.search(rf"steps {step} -> {MAX_STEPS}, resumed from \S*/checkpoints/step_{step:09d}\n", out), out
     assert json.load(open(os.path.join(preempted, "summary.json")))["final_step"] == MAX_STEPS
 
@@ -146,39 +193,30 @@ def test_usr1_requeues_and_the_restart_resumes_exactly(slurm, digits_dir, tmp_pa
         assert r["loss"] == w["loss"], (r["step"], step)
 
 
-def test_refused_requeue_keeps_training_and_scancel_still_checkpoints(slurm, digits_dir, tmp_path):
-    """USR1 whose requeue fails (here: --no-requeue) must not end the job early (the batch shell
-    keeps waiting for srun); a later plain scancel's SIGTERM still gives a checkpoint at the stop step."""
+def test_refused_requeue_still_checkpoints_and_exits_75(slurm, digits_dir, tmp_path):
+    """USR1 to a job that cannot be requeued (--no-requeue): the tasks still checkpoint at the
+    step they agree on, and the job ends with exit 75 (stopped at a checkpoint, resubmit)."""
     config = _write_config(digits_dir, tmp_path)
     out_dir = str(tmp_path / "norequeue")
     job, log = _submit(slurm, str(tmp_path), config, out_dir, "--no-requeue")
     _wait("3 logged steps", lambda: len(_metrics(out_dir)) >= 3, log)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True, timeout=30)
-    _wait("the trap", lambda: "[massl] USR1 at" in _read(log), log)
-    logged = len(_metrics(out_dir))
-
-    def trained_on() -> bool:
-        if _job(slurm, job)["JobState"] != "RUNNING":
-            pytest.fail(f"the job ended after the refused requeue; output:\n{_read(log)}")
-        return len(_metrics(out_dir)) >= logged + 10
-
-    _wait("10 more steps after USR1", trained_on, log)
-    assert "[massl] requeue failed" in _read(log)
-    subprocess.run(["scancel", job], env=slurm, check=True, timeout=30)
-    _wait("the cancelled job's end", lambda: _job(slurm, job)["JobState"] == "CANCELLED", log)
+    _wait("the job's end", lambda: _job(slurm, job)["JobState"] not in ("RUNNING", "COMPLETING"), log)
 
     out = _read(log)
+    assert _job(slurm, job)["ExitCode"] == f"{STOPPED_EXIT}:0", out
+    assert "[massl] requeue refused" in out, out
     stopped = re.findall(r"stop signal received; checkpointing at step (\d+) and exiting", out)
     assert len(stopped) == 1, out
     summary = json.load(open(os.path.join(out_dir, "summary.json")))
-    assert summary["stopped_by_signal"] and summary["final_step"] == int(stopped[0]) >= logged + 10
+    assert summary["stopped_by_signal"] and summary["final_step"] == int(stopped[0]) < MAX_STEPS
     newest = CheckpointManager(out_dir, 3).latest_complete()
     assert newest.endswith(f"step_{int(stopped[0]):09d}")
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints(digits_dir, tmp_path):
     """Slurm (like `kill -TERM -PGID`) signals every process of a task, the DataLoader workers
-    included: they must leave the stop to the training process, which checkpoints and exits 0
+    included: they must leave the stop to the training process, which checkpoints and exits 75
     (no Slurm needed; before the fix the run died with "DataLoader worker ... killed by signal")."""
     out, log = str(tmp_path / "group"), str(tmp_path / "group.out")
     args = [sys.executable, "-m", "massl.cli"] + tiny_overrides(os.path.join(digits_dir, "train"), out) + [
@@ -195,7 +233,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints(digits_dir, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0 and "Traceback" not in _read(log), _read(log)
+    assert proc.returncode == STOPPED_EXIT and "Traceback" not in _read(log), _read(log)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["stopped_by_signal"] and 3 <= summary["final_step"] < 400
     assert CheckpointManager(out, 3).latest_complete().endswith(f"step_{summary['final_step']:09d}")

@@ -1,5 +1,6 @@
-"""Checkpoints: atomic save of named parts and resume (manager.py), the tools' reader (reader.py),
-and the layout of older checkpoints (legacy.py)."""
+"""Checkpoints: atomic, checksummed save of named parts (manager.py), which checkpoint a run
+continues and one history per run directory (resume.py), the teacher as safetensors for the
+tools (teacher.py), the tools' reader (reader.py), and the layout of older checkpoints (legacy.py)."""
 from .manager import MANIFEST, CheckpointManager, is_complete, read_checkpoint_manifest
 
 __all__ = ["MANIFEST", "CheckpointManager", "is_complete", "read_checkpoint_manifest"]

@@ -1,6 +1,10 @@
 """One checkpoint reader for the tools (massl-export, massl-eval) and for resuming: resolve a run
-or checkpoint directory, read its config, read the teacher of any engine's format, without a
-process group."""
+or checkpoint directory, read its config, read the teacher, without a process group.
+
+The tools read only JSON (manifest.json) and safetensors (teacher/teacher.safetensors, checked
+against its recorded sha256): never a pickle, which can run code. A checkpoint without that file
+(written by an older massl) is read through its engine's pickled files only with `trust=True`
+(`--trust-checkpoint`)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +13,11 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, config_from_dict
+from ..errors import UserError
+from ..fileio import sha256_file
 from .legacy import engine_directory
 from .manager import MANIFEST, CheckpointManager, is_complete, read_checkpoint_manifest
+from .teacher import TEACHER_PATH
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -31,21 +38,36 @@ def read_config(ckpt_dir: str) -> Config:
     return config_from_dict(read_checkpoint_manifest(ckpt_dir)["config"], check_paths=False, strict=False)
 
 
-def read_teacher_state_dict(ckpt_dir: str) -> dict:
-    """Full teacher (backbone + head) state dict on the CPU, for any engine's format."""
+def read_teacher_state_dict(ckpt_dir: str, trust: bool = False) -> dict:
+    """Full teacher (backbone + head) state dict on the CPU, from teacher.safetensors; with
+    `trust`, from the engine's files of a checkpoint that lacks it."""
+    manifest = read_checkpoint_manifest(ckpt_dir)
+    path = os.path.join(ckpt_dir, TEACHER_PATH)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        recorded = manifest.get("sha256", {}).get(TEACHER_PATH)
+        if recorded is not None and sha256_file(path)[0] != recorded:
+            raise UserError(f"--checkpoint {ckpt_dir}: {TEACHER_PATH} does not match the sha256 recorded when it "
+                            f"was saved: the file is damaged; use another checkpoint")
+        return load_file(path)
+    if not trust:
+        raise UserError(f"--checkpoint {ckpt_dir}: has no {TEACHER_PATH} (written by an older massl, or not by "
+                        f"massl); its other files are pickles, which can run code when read: pass "
+                        f"--trust-checkpoint only if you trust where this checkpoint comes from")
     from ..engines import read_teacher_state_dict as read_format
 
-    manifest = read_checkpoint_manifest(ckpt_dir)
     return read_format(manifest.get("format", "torch"), engine_directory(ckpt_dir, manifest))
 
 
-def read_teacher_backbone(ckpt_dir: str) -> dict:
+def read_teacher_backbone(ckpt_dir: str, trust: bool = False) -> dict:
     """The teacher's backbone weights as a plain timm state dict (prefix `backbone.` removed)."""
     prefix = "backbone."
-    return {k[len(prefix):]: v for k, v in read_teacher_state_dict(ckpt_dir).items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in read_teacher_state_dict(ckpt_dir, trust).items() if k.startswith(prefix)}
 
 
-def load_teacher_backbone(checkpoint: str, random_init: bool = False, seed: int = 0) -> tuple[nn.Module, Config]:
+def load_teacher_backbone(checkpoint: str, random_init: bool = False, seed: int = 0,
+                          trust: bool = False) -> tuple[nn.Module, Config]:
     """The trained teacher backbone of a run or checkpoint, or the same architecture at random
     init (`random_init`, drawn from `seed`), in eval mode, with the run's config."""
     from ..models import build_backbone
@@ -55,5 +77,5 @@ def load_teacher_backbone(checkpoint: str, random_init: bool = False, seed: int 
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.model, cfg.data.global_crop_size)
     if not random_init:
-        backbone.load_state_dict(read_teacher_backbone(ckpt_dir), strict=True)
+        backbone.load_state_dict(read_teacher_backbone(ckpt_dir, trust), strict=True)
     return backbone.eval(), cfg

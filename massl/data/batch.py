@@ -31,6 +31,7 @@ class Batch:
     keys: tuple = ()  # sample ids: webdataset keys, image-folder indices
     encoded: Optional[EncodedBatch] = None  # data.decode=device: the n JPEGs the device decodes
     fallback: int = 0  # data.decode=device: samples that took the CPU path (not plain JPEGs, refused by the device)
+    unreadable: tuple = ()  # (file, reason) of each unreadable file passed over, for the source to name
 
     def pin_memory(self) -> "Batch":  # the DataLoader's pin thread calls this (a dataclass is not a namedtuple)
         def pin(tensors):
@@ -38,11 +39,11 @@ class Batch:
 
         encoded = EncodedBatch(*pin(self.encoded)) if self.encoded is not None else None
         return Batch(pin(self.crops), self.skipped, pin(self.params) if self.params is not None else None,
-                     self.keys, encoded, self.fallback)
+                     self.keys, encoded, self.fallback, self.unreadable)
 
 
 def collate(samples) -> Batch:
-    """samples: (multicrop.Views, skipped, key) per image -> one Batch, stacked per view."""
+    """samples: (multicrop.Views, skipped, key, unreadable) per image -> one Batch, stacked per view."""
     views = [s[0] for s in samples]
     cropped = [v.crops for v in views if v.encoded is None]
     crops = [torch.stack(c) for c in zip(*cropped)]
@@ -58,7 +59,7 @@ def collate(samples) -> Batch:
                                torch.tensor(offsets), torch.tensor([i for i, _ in sent]),
                                torch.tensor([e.boxes for _, e in sent]))
     return Batch(crops, sum(s[1] for s in samples), params, tuple(s[2] for s in samples), encoded,
-                 sum(v.fallback for v in views))
+                 sum(v.fallback for v in views), tuple(u for s in samples for u in s[3]))
 
 
 class DevicePrepare:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..errors import UserError
+
 # Extensions read as images (lower case, no dot), in the order a shard sample's image is looked for.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 # PIL format -> the extension massl-shard stores (what webdataset decoders key on).
@@ -38,5 +40,6 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
                     paths.append(os.path.join(dirpath, f))
                     labels.append(ci)
     if not paths:
-        raise ValueError(f"image folder {root!r} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"image folder {root!r}: holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)}); "
+                        f"point it at a folder of images")
     return paths, labels, classes

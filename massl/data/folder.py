@@ -5,13 +5,18 @@ from typing import Iterator
 
 import torch
 
+from ..config import ConfigError
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
 from .files import scan_image_folder
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
+from .webdataset import warn
+
 
 class MultiCropFolder(torch.utils.data.Dataset):
-    """Indexed by (epoch, index). An unreadable image is replaced by the next readable one and counted."""
+    """Indexed by (epoch, index). An unreadable image is replaced by the next readable one: one
+    replaced sample, whatever the number of unreadable files passed over, which are returned
+    for the main process to name (once, whichever worker met them)."""
 
     MAX_REPLACEMENTS = 16
 
@@ -24,13 +29,15 @@ class MultiCropFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
+        unreadable = []
         for skipped in range(self.MAX_REPLACEMENTS):
             i = (index + skipped) % len(self.paths)
             try:
                 with open(self.paths[i], "rb") as f:  # decoded by the transform (JPEG draft mode) or the device
-                    return self.transform.load(f.read(), sample_rng(self.seed, epoch, i)), skipped, i
-            except DECODE_ERRORS:
-                continue
+                    views = self.transform.load(f.read(), sample_rng(self.seed, epoch, i))
+                return views, int(skipped > 0), i, tuple(unreadable)
+            except DECODE_ERRORS as e:
+                unreadable.append((self.paths[i], f"{type(e).__name__}: {e}"))
         raise RuntimeError(f"{self.MAX_REPLACEMENTS} consecutive unreadable images from {self.paths[index]!r}")
 
 
@@ -71,9 +78,10 @@ class ImageFolderSource:
         self.dataset = MultiCropFolder(d.path, aug, seed)
         self.prepare = DevicePrepare(d, aug.on_device, aug)
         self.sampler = EpochSampler(len(self.dataset), d.batch_size, rank, world, seed)
+        self.named: set[str] = set()  # unreadable files already reported
         if self.sampler.iters_per_epoch == 0:
-            raise ValueError(f"data.path {d.path!r} has {len(self.dataset)} images, fewer than one global batch "
-                             f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
+            raise ConfigError(f"data.path: {d.path!r} has {len(self.dataset)} images, fewer than one global batch "
+                              f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,
             collate_fn=collate, pin_memory=pin_memory, drop_last=True,
@@ -88,7 +96,12 @@ class ImageFolderSource:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch, start_batch)
-        return iter(self.loader)
+        for batch in self.loader:
+            for path, reason in batch.unreadable:
+                if path not in self.named:
+                    self.named.add(path)
+                    warn(f"skipping unreadable image {path} ({reason})")
+            yield batch
 
     def close(self) -> None:
         self.loader = None

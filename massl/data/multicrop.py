@@ -32,6 +32,7 @@ except ImportError:
     simplejpeg = None
 
 from ..config import AugConfig, DataConfig
+from ..image import to_rgb
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # torchvision ColorJitter's op ids 0..3
 # One row of photometric parameters per crop, the device-side contract of gpu_augment.py.
@@ -208,7 +209,7 @@ class MultiCropAugmentation:
             return torch.from_numpy(pixels).permute(2, 0, 1)
         if f > 1:
             img.draft("RGB", (img.width // f, img.height // f))  # PIL picks the scale whose size covers this
-        return to_uint8_tensor(img.convert("RGB"))
+        return to_uint8_tensor(to_rgb(img))
 
     def crop(self, pixels: torch.Tensor, p: CropParams, size: int, sx: float, sy: float) -> torch.Tensor:
         if p.angle:

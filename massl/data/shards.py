@@ -6,7 +6,6 @@ of its file name (webdataset's convention): `000000123.jpg`, `000000123.cls`, `0
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -14,6 +13,7 @@ import re
 import tarfile
 from typing import IO, Iterator, Optional
 
+from ..errors import UserError
 from .files import image_extension
 
 MANIFEST_NAME = "manifest.json"
@@ -71,16 +71,6 @@ def iter_samples(tar: tarfile.TarFile, skip: int = 0) -> Iterator[tuple[str, dic
         yield key, files
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
-    """(hex digest, size in bytes)."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
-
-
 def shard_manifest(shards: list[dict], source: str, options: dict, classes: dict, skipped: list[dict]) -> dict:
     """The manifest of a set of shards (name, samples, bytes, sha256 each), as massl-shard writes it."""
     return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": source, "options": options,
@@ -90,14 +80,24 @@ def shard_manifest(shards: list[dict], source: str, options: dict, classes: dict
 
 
 def read_shard_manifest(path: str) -> dict:
-    """Load and sanity-check a manifest written by massl-shard (or `massl-shard index`)."""
-    with open(path) as f:
-        m = json.load(f)
-    if m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
-        raise ValueError(f"{path} is not a massl-shard manifest (format {MANIFEST_FORMAT!r} with a shard list)")
+    """Load and sanity-check a manifest written by massl-shard (or `massl-shard index`); a
+    UserError says what is wrong with it."""
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: does not exist; write the shards with massl-shard, or a manifest for "
+                        f"existing shards with `massl-shard index`") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: is not readable JSON ({type(e).__name__}: {e}); rewrite it with "
+                        f"`massl-shard index`") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("shards"), list):
+        raise UserError(f"{path}: is not a massl-shard manifest (format {MANIFEST_FORMAT!r} with a shard list); "
+                        f"write one with `massl-shard index`")
     for s in m["shards"]:
-        if not {"name", "samples", "bytes", "sha256"} <= set(s):
-            raise ValueError(f"{path}: shard entry {s} lacks name, samples, bytes or sha256")
+        if not isinstance(s, dict) or not {"name", "samples", "bytes", "sha256"} <= set(s):
+            raise UserError(f"{path}: shard entry {s} lacks name, samples, bytes or sha256; rewrite it with "
+                            f"`massl-shard index`")
     return m
 
 

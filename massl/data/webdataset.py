@@ -19,6 +19,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..config import ConfigError
+from ..errors import UserError
 from ..logging import log
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
@@ -60,16 +62,16 @@ def find_manifest(urls_setting: str, manifest_setting: str, urls: list[str]) -> 
         return os.path.join(urls_setting, MANIFEST_NAME)
     if urls and is_local(urls[0]):
         return os.path.join(os.path.dirname(os.path.abspath(urls[0])), MANIFEST_NAME)
-    raise ValueError("data.manifest: shards behind pipe: or remote URLs need a local copy of their manifest.json; "
-                     "set data.manifest to its path")
+    raise ConfigError("data.manifest: shards behind pipe: or remote URLs need a local copy of their manifest.json; "
+                      "set data.manifest to its path")
 
 
 def shard_counts(urls: list[str], manifest: dict, manifest_path: str) -> list[int]:
     by_name = {s["name"]: int(s["samples"]) for s in manifest["shards"]}
     missing = [u for u in urls if shard_name(u) not in by_name]
     if missing:
-        raise ValueError(f"data.urls: {len(missing)} shard(s) are not in {manifest_path}, e.g. {missing[0]!r}; "
-                         f"point data.manifest at the manifest that lists them (massl-shard index writes one)")
+        raise ConfigError(f"data.urls: {len(missing)} shard(s) are not in {manifest_path}, e.g. {missing[0]!r}; "
+                          f"point data.manifest at the manifest that lists them (massl-shard index writes one)")
     return [by_name[shard_name(u)] for u in urls]
 
 
@@ -139,21 +141,25 @@ class WebDatasetSource:
     """DataSource over tar shards: `epoch(e, start)` yields this rank's Batches, `prepare` moves them."""
 
     def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False, gpu_augment: bool = False):
-        self.urls = expand_shard_urls(d.urls)
+        try:
+            self.urls = expand_shard_urls(d.urls)
+        except UserError as e:  # a folder without a usable manifest
+            raise ConfigError(f"data.urls: {e}") from None
         if not self.urls:
-            raise ValueError(f"data.urls: {d.urls!r} names no shards")
+            raise ConfigError(f"data.urls: {d.urls!r} names no shards")
         manifest_path = find_manifest(d.urls, d.manifest, self.urls)
-        if not os.path.isfile(manifest_path):
-            raise ValueError(f"data.manifest: {manifest_path} does not exist; write the shards with massl-shard, "
-                             f"or a manifest for existing shards with `massl-shard index`")
-        self.counts = shard_counts(self.urls, read_shard_manifest(manifest_path), manifest_path)
+        try:
+            manifest = read_shard_manifest(manifest_path)
+        except UserError as e:
+            raise ConfigError(f"data.manifest: {e}") from None
+        self.counts = shard_counts(self.urls, manifest, manifest_path)
         total = d.samples_per_epoch or sum(self.counts)
         if sum(self.counts) == 0:
-            raise ValueError(f"data.urls: the {len(self.urls)} shard(s) hold no samples")
+            raise ConfigError(f"data.urls: the {len(self.urls)} shard(s) hold no samples")
         self.iters = total // (world * d.batch_size)
         if self.iters == 0:
-            raise ValueError(f"data.samples_per_epoch: {total} samples per epoch are fewer than one global batch "
-                             f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
+            raise ConfigError(f"data.samples_per_epoch: {total} samples per epoch are fewer than one global batch "
+                              f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
         self.d, self.seed, self.rank, self.world = d, seed, rank, world
         self.batch, self.workers, self.buffer = d.batch_size, max(1, d.num_workers), max(1, d.shuffle_buffer)
         self.aug = MultiCropAugmentation(d, photometric_on_device=gpu_augment)
@@ -177,7 +183,7 @@ class WebDatasetSource:
                 if ext is None:
                     raise ValueError(f"no image among {sorted(files)}")
                 views = self.aug.load(files[ext], sample_rng(self.seed, epoch, position))
-                return views, int(replaced or tries > 0), key
+                return views, int(replaced or tries > 0), key, ()  # named by warn() below
             except DECODE_ERRORS as e:
                 if key not in warned:
                     warned.add(key)

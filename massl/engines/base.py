@@ -23,7 +23,10 @@ Contracts:
   (models, optimiser, loss scaler) in files under `directory`, readable at another world size
   where the format allows. `checkpoint_format` names that format; `read_teacher_state_dict`
   of the format (registered in engines/__init__.py) reads the full teacher without a process
-  group, for the tools.
+  group, for checkpoints older than `teacher_state_dict`.
+- `teacher_state_dict()`: collective; the full teacher (backbone + head) state dict, unsharded,
+  on the main rank (other ranks may get an empty dict). Every checkpoint also holds it as
+  safetensors (checkpoint/teacher.py), the only file the tools read.
 """
 from __future__ import annotations
 
@@ -67,6 +70,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def update_teacher(self, teacher_momentum: float) -> None: ...
+
+    @abc.abstractmethod
+    def teacher_state_dict(self) -> dict: ...
 
     @abc.abstractmethod
     def save(self, directory: str) -> None: ...

@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 FORMAT = "dcp"
@@ -31,6 +31,11 @@ def _state(engine) -> dict:
     # on a fresh optimiser this first creates its (zero) state, so DCP has tensors to load into
     return {"student": get_model_state_dict(engine.student), "teacher": get_model_state_dict(engine.teacher),
             "optimizer": get_optimizer_state_dict(engine.student, engine.optimizer)}
+
+
+def full_teacher_state_dict(engine) -> dict:
+    """Collective: the unsharded teacher on the main rank's CPU (an empty dict elsewhere)."""
+    return get_model_state_dict(engine.teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save(engine, directory: str) -> None:

@@ -94,6 +94,9 @@ class FSDPEngine(TorchOptimizerEngine):
     def local_grads(self) -> list[torch.Tensor]:
         return local_shards(p.grad for p in self.student.parameters() if p.grad is not None)
 
+    def teacher_state_dict(self) -> dict:
+        return dcp_io.full_teacher_state_dict(self)
+
     def save(self, directory: str) -> None:
         dcp_io.save(self, directory)
 

@@ -101,6 +101,9 @@ class TorchOptimizerEngine(Engine):
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
 
+    def teacher_state_dict(self) -> dict:
+        return self.teacher.state_dict() if self.env.is_main else {}  # replicated: no collective
+
     def save(self, directory: str) -> None:
         if self.env.is_main:
             torch.save(self.state_dict(), os.path.join(directory, STATE_FILE))

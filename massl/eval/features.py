@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..config import Config
 from ..data.files import scan_image_folder
+from ..image import to_rgb
 from ..logging import log
 
 
@@ -30,7 +31,7 @@ class _Folder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         with Image.open(self.paths[i]) as img:
-            return self.transform(img.convert("RGB")), self.labels[i]
+            return self.transform(to_rgb(img)), self.labels[i]
 
 
 @torch.no_grad()
