@@ -33,7 +33,10 @@ CONFIG = {
     "loss": {"warmup_teacher_temp_epochs": 0, "warmup_teacher_temp": 0.07},
     "optim": {"name": "adamw", "epochs": 4, "lr": 0.05, "min_lr": 0.0, "warmup_epochs": 0, "clip_grad": 3.0,
               "momentum_teacher": 0.9},  # the key's old name, as these runs' configs have it
-    "data": {"batch_size": 8, "num_workers": 0, "global_crop_size": 16, "local_crops_number": 0},
+    "data": {"batch_size": 8, "num_workers": 0, "global_crop_size": 16, "local_crops_number": 0,
+             # crops and flips only: the photometric ops' implementation changed since (docs/data.md)
+             "aug": {"color_jitter_prob": 0.0, "grayscale_prob": 0.0, "blur_prob_global1": 0.0,
+                     "blur_prob_global2": 0.0, "solarize_prob_global2": 0.0}},
 }
 
 
