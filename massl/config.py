@@ -131,6 +131,21 @@ class EngineConfig:
 
 
 @dataclass
+class EvalConfig:
+    """k-NN of the teacher during training (docs/eval.md, "During training")."""
+
+    every_epochs: int = 0  # evaluate after every this many epochs (0: never)
+    every_steps: int = 0  # and/or after every this many steps (0: never)
+    train: str = ""  # labelled image folder or massl-shard shards: the k-NN reference set
+    val: str = ""  # labelled image folder or massl-shard shards: the evaluated set
+    k: list = field(default_factory=lambda: [20])
+    temperature: float = 0.07
+    crop_ratio: float = 0.875  # resize to global_crop_size / crop_ratio, centre crop
+    batch_size: int = 256  # images per forward pass
+    num_workers: int = 2  # image loading processes per rank, alive only during an evaluation
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -139,6 +154,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -351,6 +367,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         _require(not d.manifest or os.path.isfile(d.manifest), "data.manifest",
                  f"file {d.manifest!r} does not exist (massl-shard writes manifest.json beside the shards)")
 
+    _validate_eval(cfg.eval, check_paths)
+
     if check_paths and r.resume not in ("auto", "never"):
         _require(os.path.isdir(r.resume), "run.resume", f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
 
@@ -365,3 +383,19 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         if world_size > 1:
             _require(cfg.engine.name != "single", "engine.name",
                      f"is single but {world_size} processes were launched; use ddp or fsdp")
+
+
+def _validate_eval(e: EvalConfig, check_paths: bool) -> None:
+    for key in ("every_epochs", "every_steps", "num_workers"):
+        _require(getattr(e, key) >= 0, "eval." + key, f"must be >= 0, got {getattr(e, key)}")
+    _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    _require(len(e.k) >= 1 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in e.k),
+             "eval.k", f"must be a list of integers >= 1, e.g. [20], got {e.k}")
+    _require(e.temperature > 0, "eval.temperature", f"must be > 0, got {e.temperature}")
+    _require(0 < e.crop_ratio <= 1, "eval.crop_ratio", f"must be in (0, 1], got {e.crop_ratio}")
+    if e.every_epochs or e.every_steps:
+        for key in ("train", "val"):
+            path = getattr(e, key)
+            _require(bool(path), "eval." + key, "is required when eval.every_epochs or eval.every_steps is set")
+            _require(not check_paths or os.path.exists(path), "eval." + key,
+                     f"{path!r} does not exist (a labelled image folder or massl-shard shards)")

@@ -139,3 +139,7 @@ def main(argv=None) -> None:
     print(f"massl-eval {args.cmd} ({result['weights']}, {result['n_train']} train / {result['n_val']} val images"
           + (f", {skipped} unreadable skipped" if skipped else "") + f") -> {out}")
     print(table(args.cmd, result))
+
+
+if __name__ == "__main__":  # torchrun -m massl.eval.cli ...
+    main()

@@ -90,6 +90,17 @@ class _Batches(torch.utils.data.IterableDataset):
             yield x, labels, torch.arange(lo, hi), ok, failed
 
 
+def align_labels(train_classes: list[str], val: Features) -> None:
+    """Renumber `val`'s labels to the train set's classes, matched by name (an image folder's
+    classes are sorted by name, a shard manifest's by index)."""
+    position = {c: i for i, c in enumerate(train_classes)}
+    unknown = [c for c in val.classes if c not in position]
+    if unknown:
+        raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
+    val.labels = torch.tensor([position[c] for c in val.classes], dtype=torch.long)[val.labels]
+    val.classes = list(train_classes)
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, data, transform, image_size: int, batch_size: int = 256,
                      workers: int = 2, device: torch.device | str = "cpu", group=None,

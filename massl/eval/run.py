@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ..checkpoint import read_manifest
 from ..dist import init_distributed
 from .cache import cache_key, cache_path, load_cached, save_cached, weights_digest
-from .extract import FeatureSpec, Features, extract_features
+from .extract import FeatureSpec, Features, align_labels, extract_features
 from .features import eval_transform, load_backbone, resolve_checkpoint
 from .inputs import open_input
 from .knn import knn_classify
@@ -41,16 +41,6 @@ def features_of(path: str, backbone, digest: str, settings: dict, spec: FeatureS
     if feats is not None and key_path:
         save_cached(key_path, feats)
     return feats
-
-
-def align_labels(train_classes: list[str], val: Features) -> None:
-    """Val labels renumbered to the train set's classes, matched by name."""
-    position = {c: i for i, c in enumerate(train_classes)}
-    unknown = [c for c in val.classes if c not in position]
-    if unknown:
-        raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
-    val.labels = torch.tensor([position[c] for c in val.classes], dtype=torch.long)[val.labels]
-    val.classes = list(train_classes)
 
 
 def run_protocol(a: argparse.Namespace, train: Features, val: Features, device: torch.device) -> dict | list:
