@@ -21,7 +21,7 @@ SIZE = 16
 
 
 def write_folder(root: str, counts=(4, 4, 3), bad: str = "b/bad.png", seed: int = 0) -> str:
-    """Classes a, b, c of random 20x24 RGB images (sum(counts) images) plus one unreadable file."""
+    """Classes a, b, c of random 20x24 RGB images (`counts` per class) plus one unreadable file."""
     rng = np.random.default_rng(seed)
     for c, n in zip("abc", counts):
         os.makedirs(os.path.join(root, c), exist_ok=True)
@@ -76,9 +76,9 @@ def inputs(tmp_path_factory):
     from data_tools.shard import write_shards
 
     root = str(tmp_path_factory.mktemp("eval_inputs"))
-    folder = write_folder(os.path.join(root, "folder"))
+    folder = write_folder(os.path.join(root, "folder"), counts=(4, 5, 3))  # 13 files, one unreadable
     shards = os.path.join(root, "shards")
-    write_shards(folder, shards, maxcount=4, shuffle=False, progress=False)  # 11 images in 3 shards
+    write_shards(folder, shards, maxcount=4, shuffle=False, progress=False)  # 12 images in 3 shards
     return folder, shards
 
 
@@ -87,28 +87,28 @@ def test_two_ranks_equal_one_process(inputs, tiny_run, tmp_path):
 
     folder, shards = inputs
     one, calls = extract(folder, workers=2)  # two loader workers interleave their batches
-    assert len(ImageFolderInput(folder)) == 12 and len(one.labels) == 11  # one unreadable
+    assert len(ImageFolderInput(folder)) == 13 and len(one.labels) == 12  # one unreadable
     assert one.skipped[0][1].endswith("bad.png") and "UnidentifiedImageError" in one.skipped[0][2]
-    assert one.index.tolist() == [i for i in range(12) if i != one.skipped[0][0]]
+    assert one.index.tolist() == [i for i in range(13) if i != one.skipped[0][0]]
     ranks = run_ranks(_two_ranks, 2, folder, shards, tiny_run, str(tmp_path / "knn2.json"))
     knn_cli(tiny_run, folder, str(tmp_path / "knn1.json"))
     knn1, knn2 = (json.load(open(tmp_path / f"knn{w}.json")) for w in (1, 2))
     assert knn2["world_size"] == 2 and knn1["world_size"] == 1 and knn2["skipped_val"] == 1
-    assert knn2["results"] == knn1["results"] and knn1["n_train"] == 11
+    assert knn2["results"] == knn1["results"] and knn1["n_train"] == 12
     two, calls2 = ranks[0]["folder"]
     assert ranks[1]["folder"][0] is None and ranks[1]["shards"][0] is None  # results live on rank 0
-    # 12 samples in batches of 5: rank 0 has two batches, rank 1 one plus a blank forward pass
+    # 13 samples in batches of 5: rank 0 has two batches, rank 1 one plus a blank forward pass
     assert calls == 3 and calls2 == 2 and ranks[1]["folder"][1] == 2
     assert torch.equal(two.index, one.index) and torch.equal(two.labels, one.labels)
-    assert two.feats.shape == one.feats.shape == (11, 32)
+    assert two.feats.shape == one.feats.shape == (12, 32)
     assert torch.allclose(two.feats, one.feats, atol=1e-5)
     assert two.skipped == one.skipped and two.classes == one.classes == ["a", "b", "c"]
-    # the shards hold the same 11 images (massl-shard dropped the unreadable one), in the same order
+    # the shards hold the same 12 images (massl-shard dropped the unreadable one), in the same order
     sh, _ = ranks[0]["shards"]
-    assert len(ShardInput(shards)) == 11 and sh.index.tolist() == list(range(11)) and sh.skipped == []
+    assert len(ShardInput(shards)) == 12 and sh.index.tolist() == list(range(12)) and sh.skipped == []
     assert sh.classes == ["a", "b", "c"] and torch.equal(sh.labels, one.labels)
     assert torch.allclose(sh.feats, one.feats, atol=1e-5)
-    assert len({tuple(r.tolist()) for r in one.feats}) == 11  # distinct rows: a duplicate could not hide
+    assert len({tuple(r.tolist()) for r in one.feats}) == 12  # distinct rows: a duplicate could not hide
 
 
 def test_damaged_shard_samples_are_skipped_and_named(inputs, tmp_path):
@@ -119,9 +119,9 @@ def test_damaged_shard_samples_are_skipped_and_named(inputs, tmp_path):
     shutil.copytree(shards, copy)
     last = sorted(n for n in os.listdir(copy) if n.endswith(".tar"))[-1]
     with open(os.path.join(copy, last), "r+b") as f:
-        f.truncate(1024)  # the last shard (3 samples) keeps only its first member header
+        f.truncate(1024)  # the last shard (4 samples) keeps only its first member header
     f, _ = extract(copy)
-    assert len(f.labels) == 8 and [s[0] for s in f.skipped] == [8, 9, 10]
+    assert len(f.labels) == 8 and [s[0] for s in f.skipped] == [8, 9, 10, 11]
     assert all(last in name for _, name, _ in f.skipped)
 
 
