@@ -15,7 +15,7 @@ else
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; } \
   2>&1 | tee "$OUT/machine.txt"
-timeout 120 python3 -m pytest -q tests/test_gpu.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log"
+timeout 180 python3 -m pytest -q tests/test_gpu.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log"
 timeout 240 python3 benchmarks/bench_step.py --steps 8 --warmup 3 --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log"
 timeout 90 python3 benchmarks/bench_memory.py --device cuda --out "$OUT/bench_memory_cuda.json" 2>&1 | tee "$OUT/bench_memory.log"
 echo "done: $(ls "$OUT")"

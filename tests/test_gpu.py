@@ -1,7 +1,8 @@
 """CUDA checks, run by benchmarks/gpu_check.sh on a GPU machine (skipped where no GPU is visible).
 
 The loss on the device against the float64 CPU reference, and short training runs in bf16 and
-fp16 (grad scaler) with the single and fsdp engines, whose first-step losses must agree with fp32.
+fp16 (grad scaler) with the single and fsdp engines, whose first-step losses must agree with fp32;
+massl-eval on the device against the CPU.
 """
 import json
 import os
@@ -55,3 +56,20 @@ def test_gpu_augment_on_cuda_equals_cpu(tiny_config):
     on_cpu = source.prepare(batch, torch.device("cpu"))
     for a, b in zip(on_gpu, on_cpu):
         assert (a.cpu() - b).abs().max() < 0.02  # normalised units: float rounding of blur and jitter
+
+
+def test_eval_on_cuda_agrees_with_cpu(tiny_run, digits_dir, tmp_path):
+    """massl-eval on the device (bf16 autocast extraction, the SGD probe sweep on the GPU) gives
+    the CPU's accuracies up to the precision of bf16 features."""
+    from massl.eval.cli import main
+
+    top1 = {}
+    for device in ("cpu", "cuda"):
+        for cmd, extra in (("knn", ["--k", "20"]), ("linear", ["--solver", "sgd", "--epochs", "5"])):
+            out = str(tmp_path / f"{cmd}-{device}.json")
+            main([cmd, "--checkpoint", tiny_run, "--train", os.path.join(digits_dir, "train"), "--val",
+                  os.path.join(digits_dir, "val"), "--device", device, "--workers", "0", "--out", out, *extra])
+            result = json.load(open(out))["results"]
+            top1[cmd, device] = result[0]["top1"] if cmd == "knn" else result["top1"]
+    for cmd in ("knn", "linear"):
+        assert abs(top1[cmd, "cuda"] - top1[cmd, "cpu"]) <= 0.03, top1
