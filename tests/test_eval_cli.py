@@ -66,17 +66,17 @@ def test_commands_print_a_table_write_json_and_skip_unreadable_images(capsys, ti
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["knn", "--k", "0"], "error: --k: must be each >= 1, got [0]"),
-    (["knn", "--k", "20", "-3"], "error: --k: must be each >= 1"),
+    (["knn", "--k", "0"], "error: --k: must be integers >= 1, got [0]"),
+    (["knn", "--k", "20", "-3"], "error: --k: must be integers >= 1"),
     (["knn", "--temperature", "0"], "error: --temperature: must be > 0, got 0.0"),
     (["knn", "--temperature", "nan"], "error: --temperature: must be > 0"),
     (["knn", "--crop-ratio", "0"], "error: --crop-ratio: must be in (0, 1]"),
     (["retrieval", "--batch-size", "0"], "error: --batch-size: must be >= 1"),
-    (["retrieval", "--recall-k", "0"], "error: --recall-k: must be each >= 1"),
-    (["lowshot", "--shots", "0"], "error: --shots: must be each >= 1"),
+    (["retrieval", "--recall-k", "0"], "error: --recall-k: must be integers >= 1"),
+    (["lowshot", "--shots", "0"], "error: --shots: must be integers >= 1"),
     (["lowshot", "--draws", "0"], "error: --draws: must be >= 1"),
     (["linear", "--holdout", "1"], "error: --holdout: must be in (0, 1)"),
-    (["linear", "--lrs", "0.1", "0"], "error: --lrs: must be each > 0"),
+    (["linear", "--lrs", "0.1", "0"], "error: --lrs: must be numbers > 0"),
     (["linear", "--epochs", "0"], "error: --epochs: must be >= 1"),
     (["linear", "--n-last-blocks", "3"], "error: --n-last-blocks: 3 exceeds the model's 2 blocks"),
     (["knn", "--image-size", "12"], "error: --image-size: 12 is not a multiple of the model's patch size 8"),

@@ -66,20 +66,20 @@ def check_args(a: argparse.Namespace) -> None:
              ("--batch-size", a.batch_size, a.batch_size >= 1, ">= 1"),
              ("--workers", a.workers, a.workers >= 0, ">= 0"), ("--threads", a.threads, a.threads >= 0, ">= 0")]
     if a.cmd == "knn":
-        rules += [("--k", a.k, min(a.k) >= 1, "each >= 1"),
+        rules += [("--k", a.k, min(a.k) >= 1, "integers >= 1"),
                   ("--temperature", a.temperature, math.isfinite(a.temperature) and a.temperature > 0, "> 0")]
     elif a.cmd == "linear":
-        rules += [("--lrs", a.lrs, all(math.isfinite(v) and v > 0 for v in a.lrs), "each > 0"),
+        rules += [("--lrs", a.lrs, all(math.isfinite(v) and v > 0 for v in a.lrs), "numbers > 0"),
                   ("--epochs", a.epochs, a.epochs >= 1, ">= 1"),
                   ("--probe-batch-size", a.probe_batch_size, a.probe_batch_size >= 1, ">= 1"),
                   ("--holdout", a.holdout, 0 < a.holdout < 1, "in (0, 1)"),
                   ("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0"),
                   ("--n-last-blocks", a.n_last_blocks, a.n_last_blocks >= 1, ">= 1")]
     elif a.cmd == "lowshot":
-        rules += [("--shots", a.shots, min(a.shots) >= 1, "each >= 1"), ("--draws", a.draws, a.draws >= 1, ">= 1"),
+        rules += [("--shots", a.shots, min(a.shots) >= 1, "integers >= 1"), ("--draws", a.draws, a.draws >= 1, ">= 1"),
                   ("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0")]
     else:
-        rules += [("--recall-k", a.recall_k, min(a.recall_k) >= 1, "each >= 1")]
+        rules += [("--recall-k", a.recall_k, min(a.recall_k) >= 1, "integers >= 1")]
     for flag, value, ok, want in rules:
         if not ok:
             raise ValueError(f"{flag}: must be {want}, got {value}")
