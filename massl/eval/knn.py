@@ -26,11 +26,11 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=DEFAULT_
         weights, neighbours = (top_sims / temperature).exp(), train_labels[top_idx]
         truth = test_labels[start:start + chunk, None]
         for j, k in enumerate(ks):
-            votes = torch.zeros(top_idx.shape[0], num_classes, dtype=sims.dtype)
+            votes = sims.new_zeros(top_idx.shape[0], num_classes)
             votes.scatter_add_(1, neighbours[:, :k], weights[:, :k])
             top_votes, pred = votes.topk(min(5, num_classes), dim=1)
             hit = (pred == truth) & (top_votes > 0)  # a class no neighbour voted for is not a prediction
-            correct[j, 0] += hit[:, 0].sum()
-            correct[j, 1] += hit.any(dim=1).sum()
+            correct[j, 0] += hit[:, 0].sum().item()
+            correct[j, 1] += hit.any(dim=1).sum().item()
     n = test_feats.shape[0]
     return [{"k": k, "top1": correct[j, 0].item() / n, "top5": correct[j, 1].item() / n} for j, k in enumerate(ks)]

@@ -44,7 +44,8 @@ def lowshot_accuracy(train_feats, train_labels, test_feats, test_labels, num_cla
     results = []
     for n in shots:
         logreg, ncm = [], []
-        for rows in lowshot_draws(train_labels, num_classes, n, draws, seed):
+        for rows in lowshot_draws(train_labels.cpu(), num_classes, n, draws, seed):
+            rows = rows.to(train_feats.device)
             x, y = train_feats[rows], train_labels[rows]
             with torch.enable_grad():
                 probe = train_linear_probe(x, y, num_classes, weight_decay)

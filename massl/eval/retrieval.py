@@ -20,7 +20,7 @@ def retrieval_metrics(db_feats, db_labels, query_feats, query_labels, recall_ks=
     chunk = max(1, chunk_elements // max(1, db_feats.shape[0]))
     db, queries = F.normalize(db_feats.float(), dim=-1), F.normalize(query_feats.float(), dim=-1)
     ap_sum, hits, counted = 0.0, torch.zeros(len(recall_ks), dtype=torch.long), 0
-    ranks = torch.arange(1, db.shape[0] + 1, dtype=torch.float64)
+    ranks = torch.arange(1, db.shape[0] + 1, dtype=torch.float64, device=db.device)
     for start in range(0, queries.shape[0], chunk):
         order = (queries[start:start + chunk] @ db.T).argsort(dim=1, descending=True, stable=True)
         relevant = db_labels[order] == query_labels[start:start + chunk, None]  # [q, N] in ranked order
@@ -30,7 +30,7 @@ def retrieval_metrics(db_feats, db_labels, query_feats, query_labels, recall_ks=
         precision_at_hits = relevant.double().cumsum(dim=1) / ranks * relevant
         ap_sum += (precision_at_hits.sum(dim=1) / n_rel).sum().item()
         for j, k in enumerate(recall_ks):
-            hits[j] += relevant[:, :k].any(dim=1).sum()
+            hits[j] += relevant[:, :k].any(dim=1).sum().item()
         counted += int(keep.sum())
     if counted == 0:
         raise ValueError("retrieval: no query has a database image of its class")

@@ -44,18 +44,18 @@ def features_of(path: str, backbone, digest: str, settings: dict, spec: FeatureS
 
 
 def run_protocol(a: argparse.Namespace, train: Features, val: Features, device: torch.device) -> dict | list:
+    """The protocol's results, computed on `device` (the features stay on the host until here)."""
     num_classes = len(train.classes)
+    x, y, vx, vy = (t.to(device) for t in (train.feats, train.labels, val.feats, val.labels))
     if a.cmd == "knn":
-        return knn_classify(train.feats, train.labels, val.feats, val.labels, a.k, a.temperature, num_classes)
+        return knn_classify(x, y, vx, vy, a.k, a.temperature, num_classes)
     if a.cmd == "retrieval":
-        return retrieval_metrics(train.feats, train.labels, val.feats, val.labels, a.recall_k)
+        return retrieval_metrics(x, y, vx, vy, a.recall_k)
     if a.cmd == "lowshot":
-        return lowshot_accuracy(train.feats, train.labels, val.feats, val.labels, num_classes, a.shots, a.draws,
-                                a.seed, a.weight_decay)
-    tensors = [t.to(device) for t in (train.feats, train.labels, val.feats, val.labels)]
-    if a.solver == "sgd" or (a.solver == "auto" and len(train.labels) > SGD_ABOVE):
-        return sgd_probe_accuracy(*tensors, num_classes, a.lrs, a.epochs, a.probe_batch_size, a.holdout, a.seed)
-    return linear_probe_accuracy(*tensors, num_classes, a.weight_decay)
+        return lowshot_accuracy(x, y, vx, vy, num_classes, a.shots, a.draws, a.seed, a.weight_decay)
+    if a.solver == "sgd" or (a.solver == "auto" and len(y) > SGD_ABOVE):
+        return sgd_probe_accuracy(x, y, vx, vy, num_classes, a.lrs, a.epochs, a.probe_batch_size, a.holdout, a.seed)
+    return linear_probe_accuracy(x, y, vx, vy, num_classes, a.weight_decay)
 
 
 def evaluate(a: argparse.Namespace) -> dict | None:
