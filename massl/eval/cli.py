@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     low = sub.add_parser("lowshot", help="N images per class: logistic regression and nearest class mean")
     low.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS), help="images per class (1 2 5 13)")
     low.add_argument("--draws", type=int, default=5, help="random draws per shot count")
-    low.add_argument("--weight-decay", type=float, default=1.25e-3, help="logistic regression L2 penalty")
+    low.add_argument("--weight-decay", type=float, default=1e-4, help="logistic regression L2 penalty (as linear --weight-decay)")
     ret = sub.add_parser("retrieval", help="each val image queries train; mAP and recall@k by label")
     ret.add_argument("--recall-k", type=int, nargs="+", default=list(DEFAULT_RECALL_KS), help="k of recall@k (1 5 10)")
     for s in (knn, lin, low, ret):

@@ -39,7 +39,7 @@ def _summary(values: list[float]) -> dict:
 
 @torch.no_grad()
 def lowshot_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes: int, shots=DEFAULT_SHOTS,
-                     draws: int = 5, seed: int = 0, weight_decay: float = 1.25e-3) -> list[dict]:
+                     draws: int = 5, seed: int = 0, weight_decay: float = 1e-4) -> list[dict]:
     train_feats, test_feats = F.normalize(train_feats.float(), dim=-1), F.normalize(test_feats.float(), dim=-1)
     results = []
     for n in shots:
