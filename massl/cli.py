@@ -21,7 +21,7 @@ def train_main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-3")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, check_paths=not args.print_config)
     except ConfigError as e:
         _fail(str(e))
     if args.print_config:

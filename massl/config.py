@@ -6,6 +6,7 @@ Every key is documented in docs/config.md; `massl-train --print-config` shows th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -44,6 +45,7 @@ class ModelConfig:
     depth: int = 0  # custom arch only
     num_heads: int = 0  # custom arch only
     pooling: str = "cls"  # cls | mean
+    pos_embed_interp: str = "dino"  # dino (published: bicubic, scale (n+0.1)/sqrt(N)) | timm (antialiased, exact size)
     drop_path: float = 0.1  # student only
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
@@ -66,6 +68,7 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 50
     koleo_weight: float = 0.0
+    koleo_scope: str = "local"  # local (published: each rank's own batch) | global (the global batch)
 
 
 @dataclass
@@ -168,6 +171,8 @@ CHOICES = {
     "run.precision": ("auto", "fp32", "bf16", "fp16"),
     "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "custom"),
     "model.pooling": ("cls", "mean"),
+    "model.pos_embed_interp": ("dino", "timm"),
+    "loss.koleo_scope": ("local", "global"),
     "optim.name": ("adamw", "sgd", "lars"),
     "optim.clip_mode": ("per_param", "global"),
     "data.source": ("imagefolder", "webdataset"),
@@ -256,7 +261,7 @@ def _dotted_to_nested(overrides: list[str]) -> list[dict]:
     return out
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, check_paths: bool = True) -> Config:
     """Defaults <- YAML file <- dotted overrides, then `validate` (world-size-free checks)."""
     cfg = Config()
     if path:
@@ -267,7 +272,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         _merge(cfg, data)
     for nested in _dotted_to_nested(overrides or []):
         _merge(cfg, nested)
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -290,22 +295,30 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
 
-def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = True) -> None:
+def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = True,
+             device_type: Optional[str] = None) -> None:
     """Reject bad values and combinations with a message that names the key.
 
-    Checks that need the world size (global batch vs memory ring, memory shards) run when
-    `world_size` is given, i.e. at launch before anything is built. `check_paths=False` skips
-    the existence of data and resume paths (reading a finished run's config elsewhere).
+    Checks that need the world size (global batch vs memory ring, memory shards) or the device
+    run when they are given, i.e. at launch before anything is built; the launch-time call also
+    logs the warnings of _check_no_effect (once per run). `check_paths=False` skips the data and
+    resume paths (printing a config, reading a finished run's config elsewhere).
     """
     for key, choices in CHOICES.items():
         _require(_get(cfg, key) in choices, key, f"must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
 
     r, m, mem, o, d, a = cfg.run, cfg.model, cfg.memory, cfg.optim, cfg.data, cfg.data.aug
+    if device_type is None and r.device == "cpu":
+        device_type = "cpu"
     for key in ("run.log_every", "run.checkpoint_every", "run.keep_last", "model.patch_size",
                 "model.head_hidden_dim", "model.head_bottleneck_dim", "model.head_layers",
                 "memory.size", "memory.partition_size", "optim.epochs", "data.batch_size",
@@ -329,7 +342,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
     _require(o.min_lr <= o.lr, "optim.min_lr", f"({o.min_lr}) must not exceed optim.lr ({o.lr})")
     _require(o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
              f"({o.warmup_epochs}) must not exceed optim.epochs ({o.epochs})")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+    _require(len(o.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in o.betas), "optim.betas",
              f"must be two numbers in [0, 1), got {o.betas}")
     _require(m.drop_path < 1, "model.drop_path", f"must be < 1, got {m.drop_path}")
 
@@ -347,11 +360,11 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
 
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
         v = _get(cfg, key)
-        _require(len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1] <= 1,
+        _require(len(v) == 2 and all(_is_number(x) for x in v) and 0 < v[0] <= v[1] <= 1,
                  key, f"must be [min, max] with 0 < min <= max <= 1, got {v}")
     for key in ("mean", "std"):
         v = getattr(a, key)
-        _require(len(v) == 3, "data.aug." + key, f"must be 3 numbers (RGB), got {v}")
+        _require(len(v) == 3 and all(_is_number(x) for x in v), "data.aug." + key, f"must be 3 numbers (RGB), got {v}")
     _require(all(s > 0 for s in a.std), "data.aug.std", f"must be positive, got {a.std}")
     _require(d.global_crop_size % m.patch_size == 0, "data.global_crop_size",
              f"({d.global_crop_size}) must be divisible by model.patch_size ({m.patch_size})")
@@ -359,18 +372,22 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         _require(d.local_crop_size >= 1 and d.local_crop_size % m.patch_size == 0, "data.local_crop_size",
                  f"({d.local_crop_size}) must be a positive multiple of model.patch_size ({m.patch_size})")
 
-    if d.source == "imagefolder":
-        _require(bool(d.path), "data.path", "is required when data.source is imagefolder")
-        _require(not check_paths or os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
-    else:
-        _require(bool(d.urls), "data.urls", "is required when data.source is webdataset (e.g. shards/train-{000000..000099}.tar)")
-        _require(not d.manifest or os.path.isfile(d.manifest), "data.manifest",
-                 f"file {d.manifest!r} does not exist (massl-shard writes manifest.json beside the shards)")
-
+    if check_paths:  # a finished run's config (export, eval) is read where its data may not exist
+        if d.source == "imagefolder":
+            _require(bool(d.path), "data.path", "is required when data.source is imagefolder")
+            _require(os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
+        else:
+            _require(bool(d.urls), "data.urls",
+                     "is required when data.source is webdataset (e.g. shards/train-{000000..000099}.tar)")
+            _require(not d.manifest or os.path.isfile(d.manifest), "data.manifest",
+                     f"file {d.manifest!r} does not exist (massl-shard writes manifest.json beside the shards)")
+        if r.resume not in ("auto", "never"):
+            _require(os.path.isdir(r.resume), "run.resume",
+                     f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
+    _require(not (r.precision == "fp16" and device_type == "cpu"), "run.precision",
+             "fp16 needs a CUDA device (it uses a loss scaler); use fp32 (fastest on a CPU) or bf16")
+    _check_no_effect(cfg, warn=world_size is not None)
     _validate_eval(cfg.eval, check_paths)
-
-    if check_paths and r.resume not in ("auto", "never"):
-        _require(os.path.isdir(r.resume), "run.resume", f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
 
     if world_size is not None:
         g = world_size * d.batch_size
@@ -383,6 +400,46 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         if world_size > 1:
             _require(cfg.engine.name != "single", "engine.name",
                      f"is single but {world_size} processes were launched; use ddp or fsdp")
+
+
+DEFAULTS = Config()
+
+
+def _check_no_effect(cfg: Config, warn: bool) -> None:
+    """A key set away from its default where it has no effect is a mistake the run would hide:
+    an error naming the key, or, for keys a config file shared across settings may well carry
+    (AC period, local-crop and KoLeo details), a warning at launch."""
+    m, d, o, lo, e = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.engine
+    named = f"model.arch is {m.arch}, whose shape is fixed; use model.arch=custom to set it"
+    errors = [
+        ("model.embed_dim", m.arch == "custom", named),
+        ("model.depth", m.arch == "custom", named),
+        ("model.num_heads", m.arch == "custom", named),
+        ("data.path", d.source == "imagefolder", "data.source is webdataset, which reads data.urls"),
+        ("data.urls", d.source == "webdataset", "data.source is imagefolder, which reads data.path"),
+        ("data.manifest", d.source == "webdataset", "only data.source=webdataset reads a shard manifest"),
+        ("data.samples_per_epoch", d.source == "webdataset", "only data.source=webdataset uses it"),
+        ("data.shuffle_buffer", d.source == "webdataset", "only data.source=webdataset uses it"),
+        ("optim.momentum", o.name in ("sgd", "lars"), "optim.name is adamw, whose moments are optim.betas"),
+        ("optim.betas", o.name == "adamw", f"optim.name is {o.name}, which uses optim.momentum"),
+    ]
+    warnings_ = [
+        ("engine.ac_every", e.activation_checkpointing == "every_k", "engine.activation_checkpointing is not every_k"),
+        ("loss.koleo_scope", lo.koleo_weight > 0, "loss.koleo_weight is 0"),
+        ("loss.warmup_teacher_temp", lo.warmup_teacher_temp_epochs > 0, "loss.warmup_teacher_temp_epochs is 0"),
+        ("data.local_crop_size", d.local_crops_number > 0, "data.local_crops_number is 0"),
+        ("data.local_crops_scale", d.local_crops_number > 0, "data.local_crops_number is 0"),
+        ("data.aug.blur_prob_local", d.local_crops_number > 0, "data.local_crops_number is 0"),
+    ] + [(f"eval.{k}", cfg.eval.every_epochs > 0 or cfg.eval.every_steps > 0,
+          "eval.every_epochs and eval.every_steps are 0")
+         for k in ("train", "val", "k", "temperature", "crop_ratio", "batch_size", "num_workers")]
+    for key, has_effect, why in errors:
+        _require(has_effect or _get(cfg, key) == _get(DEFAULTS, key), key,
+                 f"is set ({_get(cfg, key)!r}) but has no effect: {why}; remove it")
+    if warn:
+        for key, has_effect, why in warnings_:
+            if not has_effect and _get(cfg, key) != _get(DEFAULTS, key):
+                logging.getLogger("massl").warning(f"warning: {key} is set ({_get(cfg, key)!r}) but has no effect: {why}")
 
 
 def _validate_eval(e: EvalConfig, check_paths: bool) -> None:

@@ -187,10 +187,12 @@ def massl_loss(
 
 
 def koleo_loss(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo regulariser over the global batch: -mean_b log(distance of x_b to its nearest neighbour).
+    """KoLeo regulariser: -mean_b log(distance of x_b to its nearest neighbour among the rows of `group`).
 
-    x [B, D] are this rank's rows; each rank sums the terms of its own rows and the all-reduce
-    gives every rank the global value (gradients stay per-rank partials, see dist.py).
+    x [B, D] are this rank's rows. group None: this rank's batch alone (the published code,
+    loss.koleo_scope=local). With a group, neighbours come from the global batch: each rank sums
+    the terms of its own rows and the all-reduce gives every rank the global value (gradients
+    stay per-rank partials, see dist.py).
     """
     rank, _ = world_of(group)
     x = F.normalize(x.float(), dim=-1, eps=eps)

@@ -1,10 +1,13 @@
 """Student and teacher networks (method.md, "Networks"): a timm ViT backbone and the projection head."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import timm
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
 
 from .config import Config, ModelConfig
 
@@ -36,9 +39,40 @@ def backbone_spec(m: ModelConfig, img_size: int) -> dict:
     }
 
 
+def dino_resize_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1, 1 + N, C] (class token first, N a square grid) -> [1, 1 + grid_h * grid_w, C], as the
+    published code (DINO's interpolate_pos_encoding) does: bicubic with scale factor
+    (n + 0.1) / sqrt(N), no antialiasing; the +0.1 makes the output size floor(n + 0.1) = n."""
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    if grid_h == grid_w == side:
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic")
+    if grid.shape[-2:] != (grid_h, grid_w):
+        raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(grid_h, grid_w)}")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], dim=1)
+
+
+class DinoPosEmbedViT(VisionTransformer):
+    """timm's VisionTransformer (same modules, same state dict) whose position embedding is
+    resized for other input sizes as in the published code (model.pos_embed_interp=dino);
+    timm's own resampling (antialiased, exact size) gives another embedding for the local crops."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        batch, grid_h, grid_w, dim = x.shape  # dynamic_img_size: the patch embedding keeps the grid
+        x = torch.cat([self.cls_token.expand(batch, -1, -1), x.view(batch, -1, dim)], dim=1)
+        return self.pos_drop(x + dino_resize_pos_embed(self.pos_embed, grid_h, grid_w))
+
+
 def build_backbone(m: ModelConfig, img_size: int, drop_path: float = 0.0) -> nn.Module:
-    spec = backbone_spec(m, img_size)
-    return timm.create_model(spec["model_name"], pretrained=False, drop_path_rate=drop_path, **spec["kwargs"])
+    """The ViT of `m`, initialised as the published code: timm's init, then the CLS token
+    trunc-normal std 0.02 like the position embedding (timm draws it with std 1e-6)."""
+    kwargs = backbone_spec(m, img_size)["kwargs"]
+    cls = DinoPosEmbedViT if m.pos_embed_interp == "dino" else VisionTransformer
+    model = cls(drop_path_rate=drop_path, **kwargs)
+    trunc_normal_(model.cls_token, std=0.02)
+    return model
 
 
 class ProjectionHead(nn.Module):

@@ -16,7 +16,8 @@ from .dist import all_reduce_
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay only on weights with 2+ dims (no decay on biases, norms, tokens, pos-embeds)."""
+    """Weight decay only on parameters with 2+ dims, as the published code: biases and norms get
+    none; the CLS token and position embedding ([1, n, d]) do decay."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

@@ -1,11 +1,14 @@
 """Per-iteration schedules (method.md steps 8-10), as closed forms of the iteration `it`.
 
-With T = epochs * iters_per_epoch total iterations and Wu = warmup iterations:
-  lr(it)       = base * it / Wu                                     for it < Wu (base = lr * G / 256)
+With T = epochs * iters_per_epoch total iterations and Wu = warmup iterations, as the published
+`cosine_scheduler` (whose warm-up is np.linspace(0, base, Wu): its last value is base, so the
+step divides by Wu - 1):
+  lr(it)       = base * it / (Wu - 1)                               for it < Wu (base = lr * G / 256)
                = min_lr + (base - min_lr) * (1 + cos(pi * (it - Wu) / (T - Wu))) / 2   otherwise
   wd(it)       = wd_end + (wd - wd_end) * (1 + cos(pi * it / T)) / 2
   momentum(it) = 1 + (m0 - 1) * (1 + cos(pi * it / T)) / 2
-  t_temp(it)   = warm + (final - warm) * it / Wt  for it < Wt (Wt = warmup_teacher_temp_epochs * ipe), final after
+  t_temp(it)   = warm + (final - warm) * it / (Wt - 1)  for it < Wt (Wt = warmup_teacher_temp_epochs * ipe),
+                 final after (np.linspace(warm, final, Wt) then constant)
 """
 from __future__ import annotations
 
@@ -13,6 +16,11 @@ import math
 from dataclasses import dataclass
 
 from .config import Config
+
+
+def linspace_at(it: int, length: int, start: float, end: float) -> float:
+    """np.linspace(start, end, length)[it]."""
+    return start if length <= 1 else start + (end - start) * it / (length - 1)
 
 
 def cosine(it: int, total: int, start: float, end: float) -> float:
@@ -54,7 +62,7 @@ class Schedules:
 
     def lr(self, it: int) -> float:
         if it < self.warmup_iters:
-            return self.base_lr * it / self.warmup_iters
+            return linspace_at(it, self.warmup_iters, 0.0, self.base_lr)
         return cosine(it - self.warmup_iters, self.total_iters - self.warmup_iters, self.base_lr, self.min_lr)
 
     def weight_decay(self, it: int) -> float:
@@ -65,7 +73,7 @@ class Schedules:
 
     def teacher_temperature(self, it: int) -> float:
         if it < self.teacher_temp_iters:
-            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * it / self.teacher_temp_iters
+            return linspace_at(it, self.teacher_temp_iters, self.warmup_teacher_temp, self.teacher_temp)
         return self.teacher_temp
 
     def at(self, it: int) -> dict:

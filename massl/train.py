@@ -10,7 +10,7 @@ import torch
 from .checkpoint import CheckpointManager
 from .config import Config, validate
 from .data import build_data
-from .dist import DistEnv, all_reduce_, init_distributed
+from .dist import DistEnv, all_reduce_, init_distributed, world_of
 from .engines import build_engine
 from .logging import MetricsLogger, peak_memory_gib
 from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
@@ -55,12 +55,16 @@ def _restore_rng(states: list[dict], env: DistEnv, seed: int, step: int) -> None
 
 
 def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, h: dict,
-               loss_group=None, backward_scale: float = 1.0, monitor: bool = False) -> dict:
+               group=None, monitor: bool = False) -> dict:
     """One MaSSL step (method.md steps 1-9): student on all crops, teacher on the global ones, the
     loss against the memory *before* this step's update, backward, clip + optimiser + teacher EMA
-    (the engine), then the enqueue of teacher view 1. `h`: the schedules' values at `step`.
-    Returns device scalars (no host sync): loss (with KoLeo), grad_norm, and with `monitor` the
-    agreement of method.md and the KoLeo term."""
+    (the engine), then the enqueue of teacher view 1. `h`: the schedules' values at `step`;
+    `group`: the data-parallel group (None in one process).
+    Returns device scalars (no host sync): loss (with KoLeo; this rank's value), grad_norm, and
+    with `monitor` the agreement of method.md and the KoLeo term."""
+    # Sharded memory: the loss spans the global batch. Replicated (published layout): each rank's
+    # loss sees its own batch, the memory still stores every rank's keys.
+    loss_group = group if cfg.memory.sharded else None
     with engine.autocast():
         zs = engine.student(crops)
         with torch.no_grad():
@@ -68,11 +72,14 @@ def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, 
     perm = random_partition_perm(cfg.memory.size, cfg.run.seed, step, zs.device)
     loss = massl_loss(zs, zt, memory.bank, perm, cfg.memory.partition_size, cfg.loss.student_temp,
                       h["teacher_temp"], group=loss_group, chunk_rows=cfg.memory.chunk_rows)
+    objective = loss * global_term_scale(loss_group)
     out = {}
     if cfg.loss.koleo_weight > 0:  # no work at all at weight 0
-        out["koleo"] = 0.5 * (koleo_loss(zs[0], loss_group) + koleo_loss(zs[1], loss_group))
+        koleo_group = group if cfg.loss.koleo_scope == "global" else None  # local: each rank's batch (published)
+        out["koleo"] = 0.5 * (koleo_loss(zs[0], koleo_group) + koleo_loss(zs[1], koleo_group))
         loss = loss + cfg.loss.koleo_weight * out["koleo"]
-    engine.backward(loss * backward_scale)
+        objective = objective + cfg.loss.koleo_weight * out["koleo"] * global_term_scale(koleo_group)
+    engine.backward(objective)
     out["grad_norm"] = engine.step(h["lr"], h["wd"], h["momentum"])
     out["loss"] = loss.detach()
     if monitor:
@@ -80,6 +87,13 @@ def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, 
             zs[0].detach(), zt[1], memory.bank, perm, cfg.memory.partition_size, loss_group)
     memory.enqueue(zt[1])
     return {k: v.detach() for k, v in out.items()}
+
+
+def global_term_scale(group) -> float:
+    """Engines average gradients over ranks. A term over the global batch (computed with `group`)
+    gives each rank only its slice of the term's gradient, so it is scaled by the world size
+    for the average to be that gradient; a term over the local batch (None) is averaged as is."""
+    return float(world_of(group)[1])
 
 
 def _resume_dir(cfg: Config, ckpt: CheckpointManager):
@@ -93,7 +107,7 @@ def _resume_dir(cfg: Config, ckpt: CheckpointManager):
 def train(cfg: Config, env: DistEnv | None = None) -> dict:
     """Run (or resume) the training described by `cfg`. Returns a summary of the last step."""
     env = env or init_distributed(cfg.run.device)
-    validate(cfg, env.world_size)
+    validate(cfg, env.world_size, device_type=env.device.type)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if env.device.type == "cpu":
@@ -108,15 +122,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     student, teacher = build_student_teacher(cfg)
     engine = build_engine(cfg, env, student, teacher)
-    # Sharded: the loss and memory span all ranks. Replicated (published layout): the loss sees
-    # the local batch, the memory still stores every rank's keys.
-    loss_group = env.group if cfg.memory.sharded else None
     memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
                         sharded=cfg.memory.sharded, seed=cfg.run.seed, device=env.device)
-    # Engines average gradients over ranks, while a sharded loss gives each rank its slice of
-    # the *global* loss' gradient: scale so the average is that gradient.
-    backward_scale = float(env.world_size) if loss_group is not None else 1.0
-
     global_batch = cfg.data.batch_size * env.world_size
     ipe = data.iters_per_epoch
     sched = Schedules.from_config(cfg, ipe, global_batch)
@@ -162,7 +169,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                 crops = data.prepare(batch, env.device)
                 h = sched.at(step)
                 log_now = (step + 1) % cfg.run.log_every == 0 or step + 1 == stop
-                out = train_step(engine, memory, crops, cfg, step, h, loss_group, backward_scale, monitor=log_now)
+                out = train_step(engine, memory, crops, cfg, step, h, env.group, monitor=log_now)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(out["loss"]), step, bad_step)
                 loss_sum += out["loss"]
                 window += 1
@@ -170,11 +177,9 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                 step += 1
                 if log_now:
                     check_finite()
-                    stats = torch.stack([loss_sum / window, skipped])
-                    if loss_group is None:  # replicated: every rank has its own loss; report the mean
-                        all_reduce_(stats[:1], env.group)
-                        stats[0] /= env.world_size
-                    all_reduce_(stats[1:], env.group)
+                    # the loss of ranks that see only their own batch (replicated memory, local KoLeo)
+                    # differs: report the mean over ranks; skipped images are summed
+                    stats = all_reduce_(torch.stack([loss_sum / window / env.world_size, skipped]), env.group)
                     metrics = {"loss": stats[0].item(), "skipped_images": stats[1].item(), **h,
                                "peak_mem_gib": peak_memory_gib(env.device),
                                **{k: v.item() for k, v in out.items() if k != "loss"}}

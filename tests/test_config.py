@@ -49,6 +49,13 @@ BAD = [
     (["run.resume=/no/such/checkpoint"], "run.resume"),
     (["optim.min_lr=1"], "optim.min_lr"),
     (["data.gpu_augment=maybe"], "data.gpu_augment"),
+    (["data.aug.mean=[a,b,c]"], "data.aug.mean"),
+    (["run.device=cpu", "run.precision=fp16"], "run.precision"),
+    # keys without effect in the chosen combination
+    (["model.arch=vit_small", "model.depth=6"], "model.depth"),
+    (["data.urls=shards/train-000000.tar"], "data.urls"),
+    (["optim.momentum=0.8"], "optim.momentum"),
+    (["optim.name=sgd", "optim.betas=[0.8, 0.9]"], "optim.betas"),
 ]
 
 
@@ -78,6 +85,37 @@ def test_world_size_checks(base):
     validate(cfg, world_size=4)
     with pytest.raises(ConfigError, match=r"^memory.size: .* multiple of the global batch"):
         validate(cfg, world_size=3)
+
+
+def test_keys_without_effect_in_a_shared_config_warn_at_launch(base, caplog):
+    cfg = load_config(None, base + ["engine.ac_every=3", "data.local_crops_number=0", "data.local_crop_size=64"])
+    validate(cfg, world_size=1)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "engine.ac_every" in warned and "data.local_crop_size" in warned
+    assert "data.local_crops_scale" not in warned  # left at its default: nothing to say
+
+
+def test_fp16_on_a_cpu_is_refused_at_launch(base):
+    cfg = load_config(None, base + ["run.precision=fp16"])  # run.device=auto: the device is known at launch
+    with pytest.raises(ConfigError, match=r"^run.precision: fp16 needs a CUDA device"):
+        validate(cfg, world_size=1, device_type="cpu")
+
+
+def test_print_config_needs_no_data(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-m", "massl.cli", "--print-config", "--config",
+                          os.path.join(os.path.dirname(__file__), "..", "configs", "vit_small.yaml")],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["model"]["arch"] == "vit_small"
+
+
+def test_cli_fp16_on_cpu_is_one_line_before_any_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-m", "massl.cli", f"data.path={tmp_path}", "run.device=cpu",
+                          "run.precision=fp16"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.startswith("error: run.precision:")
 
 
 def test_cli_print_config_and_errors(tmp_path):

@@ -28,7 +28,11 @@ from massl.train import train
 from tests.distributed import run_ranks
 from tests.engines_common import losses, step_dir, tiny_config, write_images
 
-RTOL = 1e-5
+RTOL = 1e-5  # losses of the engines differ by ~1e-6 relative here (reduction order): 10x margin
+# Teacher weights differ by ~6e-7 absolute here, and moved by more than 1e-3: a wrong gradient
+# average or EMA shows far above ATOL, rounding on another machine stays below it.
+ATOL = 1e-5
+FEATURE_TOL = 1e-5  # the same weights in other layouts or thread counts: rounding only
 
 
 def _train(rank, world, cfg_dict):
@@ -139,7 +143,7 @@ def test_engines_give_the_same_losses_and_teacher(runs):
     for name in ("ddp", "fsdp"):
         assert sorted(teachers[name]) == sorted(teachers["single"])
         for key, ref_t in teachers["single"].items():
-            torch.testing.assert_close(teachers[name][key], ref_t, rtol=RTOL, atol=1e-6, msg=f"{name} teacher {key}")
+            torch.testing.assert_close(teachers[name][key], ref_t, rtol=RTOL, atol=ATOL, msg=f"{name} teacher {key}")
 
 
 @pytest.mark.parametrize("world", [1, 4])
@@ -151,7 +155,7 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(runs, images, world):
     np.testing.assert_array_equal(got["memory"], ref["memory"])
     assert got["ptr"] == ref["ptr"]
     for key in ("backbone", "head"):
-        np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got[key], ref[key], rtol=FEATURE_TOL, atol=FEATURE_TOL)
     if world > 1:
         for mode, err in got["clip_error"].items():
             assert err < 1e-5, f"{mode} clipping of sharded gradients is off by {err}"
@@ -169,7 +173,7 @@ def test_exported_fsdp_teacher_loads_strictly_into_timm(runs, images):
     model.load_state_dict(backbone, strict=True)
     with torch.no_grad():
         feats = model.eval()(images)
-    np.testing.assert_allclose(feats.numpy(), runs["fsdp_features"]["backbone"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(feats.numpy(), runs["fsdp_features"]["backbone"], rtol=FEATURE_TOL, atol=FEATURE_TOL)
 
 
 def test_ddp_checkpoint_resumes_in_one_process(runs):

@@ -64,7 +64,7 @@ def test_loop_enqueues_teacher_view1_after_the_loss(tiny_config):
     state = torch.load(ckpt, weights_only=True)["memory"]
     G = cfg.data.batch_size
     assert state["ptr"] == G
-    assert torch.allclose(state["bank"][:, :G], zt[1].T, atol=1e-6)
+    assert torch.allclose(state["bank"][:, :G], zt[1].T, atol=1e-5)  # computed here with other thread counts
     assert not torch.allclose(state["bank"][:, :G], zt[0].T, atol=1e-3)
     assert torch.equal(state["bank"][:, G:], memory0[:, G:])
     after = massl_loss_reference(zs.double(), zt.double(), state["bank"].double(), perm,

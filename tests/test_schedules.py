@@ -19,7 +19,9 @@ def sched(tmp_path):
 def test_learning_rate(sched):
     base = 0.001 * 512 / 256
     assert sched.lr(0) == 0.0
-    assert sched.lr(100) == pytest.approx(base * 100 / 200)  # linear warm-up over 200 iterations
+    # linear warm-up over 200 iterations, np.linspace(0, base, 200) as published: base at iteration 199
+    assert sched.lr(100) == pytest.approx(base * 100 / 199)
+    assert sched.lr(199) == pytest.approx(base)
     assert sched.lr(200) == pytest.approx(base)
     # cosine over the 800 iterations after warm-up: half-way is the mean of base and min_lr
     assert sched.lr(600) == pytest.approx((base + 1e-5) / 2)
@@ -43,6 +45,7 @@ def test_teacher_momentum(sched):
 
 def test_teacher_temperature(sched):
     assert sched.teacher_temperature(0) == pytest.approx(0.04)
-    assert sched.teacher_temperature(150) == pytest.approx(0.055)  # linear over 300 iterations
+    assert sched.teacher_temperature(150) == pytest.approx(0.04 + 0.03 * 150 / 299)  # np.linspace over 300 iterations
+    assert sched.teacher_temperature(299) == pytest.approx(0.07)
     assert sched.teacher_temperature(300) == pytest.approx(0.07)
     assert sched.teacher_temperature(999) == pytest.approx(0.07)
