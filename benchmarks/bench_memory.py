@@ -2,7 +2,7 @@
 
 One step of the loss path = draw the step's permutation, massl_loss forward + backward, enqueue
 of teacher view 1; its time is the fastest of the timed steps (after warm-up) of the slowest rank. Embeddings are random unit vectors (no network). Each configuration runs in
-fresh processes (W ranks, gloo on CPU, NCCL on CUDA; W = 1 runs without a process group), so
+fresh processes (W ranks, gloo on CPU, NCCL on CUDA; at W = 1 the loss runs without a group), so
 its peak is its own:
 
 - CPU: the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs before
@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import socket
 import time
 
 
@@ -62,7 +61,7 @@ class _PeakMemory:
             self.peak = _status_kib("VmHWM") * 1024 - self.before
 
 
-def _rank(rank, world, port, cfg, queue):
+def _rank(rank, world, cfg):
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -76,11 +75,7 @@ def _rank(rank, world, port, cfg, queue):
         device = torch.device("cuda", rank)
     else:
         device = torch.device("cpu")
-    group = None
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-        group = dist.group.WORLD
+    group = dist.group.WORLD if world > 1 else None
     sharded = cfg["mode"] == "sharded"
     memory = MemoryBank(cfg["dim"], cfg["size"], group=group, sharded=sharded, seed=0, device=device)
     g = torch.Generator(device=device).manual_seed(rank)
@@ -111,35 +106,18 @@ def _rank(rank, world, port, cfg, queue):
             times.append(elapsed)
             peaks.append(peak.peak)
     # The fastest timed step: the machine may be shared, and other users only ever add time.
-    queue.put((rank, min(times), max(peaks), memory.bank.numel() * memory.bank.element_size()))
-    if group is not None:
-        dist.destroy_process_group()
+    return min(times), max(peaks), memory.bank.numel() * memory.bank.element_size()
 
 
 def run_config(cfg: dict) -> dict:
     """Run one configuration in `cfg['world']` fresh processes; the slowest / largest rank counts."""
-    import torch.multiprocessing as mp
+    from massl.dist import run_local_ranks
 
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # read by glibc when a rank starts
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank, args=(r, cfg["world"], port, cfg, queue)) for r in range(cfg["world"])]
-    for p in procs:
-        p.start()
-    try:
-        results = [queue.get(timeout=cfg["timeout"]) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if any(p.exitcode for p in procs):
-        raise RuntimeError(f"benchmark configuration {cfg} failed (exit codes {[p.exitcode for p in procs]})")
-    return {"ms": 1000 * max(r[1] for r in results), "peak_mib": max(r[2] for r in results) / 2**20,
-            "bank_mib": max(r[3] for r in results) / 2**20}
+    results = run_local_ranks(_rank, cfg["world"], cfg, backend="nccl" if cfg["device"] == "cuda" else "gloo",
+                              timeout=cfg["timeout"])
+    return {"ms": 1000 * max(r[0] for r in results), "peak_mib": max(r[1] for r in results) / 2**20,
+            "bank_mib": max(r[2] for r in results) / 2**20}
 
 
 def _configs(args) -> list[dict]:

@@ -33,7 +33,7 @@ from massl.memory import MemoryBank  # noqa: E402
 from massl.models import build_student_teacher  # noqa: E402
 from massl.train import train_step  # noqa: E402
 
-HPARAMS = {"lr": 1e-4, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.07}  # fixed: no schedules here
+HPARAMS = {"lr": 1e-4, "wd": 0.04, "teacher_momentum": 0.996, "teacher_temp": 0.07}  # fixed: no schedules here
 
 
 def make_config(args, arch: str, engine: str, ac: str) -> Config:

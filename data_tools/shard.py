@@ -16,6 +16,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import sys
@@ -24,12 +25,15 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from massl.data.shards import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, iter_samples, open_tar,
-                               read_manifest, sha256_file)
+from massl.data.shards import (MANIFEST_NAME, expand_shard_urls, iter_samples, open_tar, read_shard_manifest,
+                               sha256_file, shard_manifest)
 from massl.fileio import write_json_atomic
+from massl.logging import setup_logging
+from massl.progress import Progress
 
-from .progress import Progress
 from .shard_inputs import class_map, list_inputs, load_checked, load_chunk
+
+log = logging.getLogger("massl")
 
 JOURNAL_NAME = ".massl-shard-journal.json"
 BLOCK, RECORD = 512, 10240  # tar block and record sizes: a tar file is a whole number of records
@@ -125,7 +129,7 @@ def own_files(out: str, prefix: str) -> list[str]:
     return sorted(glob.glob(pattern + "-*.tar") + glob.glob(pattern + "-*.tar.partial"))
 
 
-def start_or_resume(out: str, prefix: str, fingerprint: str, overwrite: bool, log) -> dict:
+def start_or_resume(out: str, prefix: str, fingerprint: str, overwrite: bool) -> dict:
     """The journal to continue from: fresh, or the verified completed shards of an interrupted run."""
     journal_path, manifest_path = os.path.join(out, JOURNAL_NAME), os.path.join(out, MANIFEST_NAME)
     fresh = {"fingerprint": fingerprint, "shards": [], "next_input": 0, "skipped": []}
@@ -149,7 +153,7 @@ def start_or_resume(out: str, prefix: str, fingerprint: str, overwrite: bool, lo
     for s in journal["shards"]:  # keep the prefix of completed shards whose bytes still match
         path = os.path.join(out, s["name"])
         if not os.path.exists(path) or sha256_file(path) != (s["sha256"], s["bytes"]):
-            log(f"massl-shard: {s['name']} is missing or does not match its checksum; rewriting from there")
+            log.warning(f"massl-shard: {s['name']} is missing or does not match its checksum; rewriting from there")
             break
         kept.append(s)
     names = {s["name"] for s in kept}
@@ -160,7 +164,7 @@ def start_or_resume(out: str, prefix: str, fingerprint: str, overwrite: bool, lo
         end = journal["shards"][len(kept)]["first_input"]
         return {"fingerprint": fingerprint, "shards": kept, "next_input": end,
                 "skipped": [s for s in journal["skipped"] if s["input"] < end]}
-    log(f"massl-shard: resuming after {len(kept)} verified shard(s)")
+    log.info(f"massl-shard: resuming after {len(kept)} verified shard(s)")
     return journal
 
 
@@ -170,7 +174,6 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
     """Write the shards and manifest.json of `source` into `out`; returns the manifest."""
     if maxcount < 1 or maxsize < RECORD:
         raise ValueError(f"--maxcount must be >= 1 and --maxsize >= {RECORD} bytes")
-    log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     items = list_inputs(source)
     classes = class_map(items)
     if shuffle:
@@ -179,7 +182,7 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
                "max_side": max_side, "quality": quality}
     fingerprint = hashlib.sha256(json.dumps([[i.path, i.label] for i in items] + [options]).encode()).hexdigest()
     os.makedirs(out, exist_ok=True)
-    journal = start_or_resume(out, prefix, fingerprint, overwrite, log)
+    journal = start_or_resume(out, prefix, fingerprint, overwrite)
     journal_path = os.path.join(out, JOURNAL_NAME)
     bar = Progress(len(items), journal["next_input"], enabled=progress)
     writer, first_input, skipped_here = None, journal["next_input"], []
@@ -214,19 +217,15 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
     bar.extra = f"| shards {len(journal['shards'])} | skipped {len(journal['skipped']) + len(skipped_here)}"
     bar.close()
     journal["skipped"] += skipped_here
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": os.path.abspath(source), "options": options,
-        "shards": [{k: s[k] for k in ("name", "samples", "bytes", "sha256")} for s in journal["shards"]],
-        "num_shards": len(journal["shards"]), "total_samples": sum(s["samples"] for s in journal["shards"]),
-        "total_bytes": sum(s["bytes"] for s in journal["shards"]), "classes": classes,
-        "skipped": [{"path": s["path"], "error": s["error"]} for s in journal["skipped"]],
-    }
+    manifest = shard_manifest(journal["shards"], os.path.abspath(source), options, classes,
+                              [{"path": s["path"], "error": s["error"]} for s in journal["skipped"]])
     write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
     os.remove(journal_path)
-    for s in manifest["skipped"]:
-        log(f"massl-shard: skipped {s['path']}: {s['error']}")
-    log(f"massl-shard: {manifest['total_samples']} images in {manifest['num_shards']} shard(s) under {out}, "
-        f"{len(manifest['skipped'])} skipped")
+    if progress:
+        for s in manifest["skipped"]:
+            log.warning(f"massl-shard: skipped {s['path']}: {s['error']}")
+        log.info(f"massl-shard: {manifest['total_samples']} images in {manifest['num_shards']} shard(s) under {out}, "
+                 f"{len(manifest['skipped'])} skipped")
     return manifest
 
 
@@ -244,7 +243,7 @@ def scan_shard(path: str) -> dict:
 
 def verify(folder: str) -> list[str]:
     """Problems found re-checking every shard of folder/manifest.json against it (empty: all good)."""
-    manifest = read_manifest(os.path.join(folder, MANIFEST_NAME))
+    manifest = read_shard_manifest(os.path.join(folder, MANIFEST_NAME))
     problems = []
     for s in manifest["shards"]:
         path = os.path.join(folder, s["name"])
@@ -264,9 +263,7 @@ def verify(folder: str) -> list[str]:
 
 def index(urls: list[str], out: str) -> dict:
     """A manifest for existing local shards (e.g. written by another tool), counted by reading them."""
-    from massl.data.webdataset import expand_urls
-
-    paths = [p for u in urls for p in expand_urls(u)]
+    paths = [p for u in urls for p in expand_shard_urls(u)]
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(folders) != 1 or os.path.dirname(os.path.abspath(out)) not in folders:
         raise ValueError("index: the shards must share one folder, and --out must be a file in it")
@@ -276,15 +273,14 @@ def index(urls: list[str], out: str) -> dict:
         if "error" in s:
             raise ValueError(f"index: {p} is damaged ({s['error']})")
         shards.append(s)
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": "index", "options": {},
-                "shards": shards, "num_shards": len(shards), "total_samples": sum(s["samples"] for s in shards),
-                "total_bytes": sum(s["bytes"] for s in shards), "classes": {}, "skipped": []}
+    manifest = shard_manifest(shards, "index", {}, {}, [])
     write_json_atomic(out, manifest)
     return manifest
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    setup_logging(quiet="--quiet" in argv)
     if argv[:1] == ["verify"]:
         p = argparse.ArgumentParser(prog="massl-shard verify", description="Re-check shards against manifest.json")
         p.add_argument("folder")

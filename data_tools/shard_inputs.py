@@ -1,4 +1,6 @@
-"""Inputs of massl-shard: which images (and labels) to write, and each image's checked payload."""
+"""Inputs of massl-shard: which images (and labels) to write, and each image's checked payload.
+
+PIL is imported by the function that decodes (in the worker processes), not at import."""
 from __future__ import annotations
 
 import csv
@@ -7,10 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from PIL import Image
+from massl.data.files import FORMAT_EXTENSIONS, scan_image_folder
 
-# PIL format -> extension stored in the shard (what webdataset decoders key on).
-FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "PPM": "ppm"}
 HEADER_WORDS = ("path", "file", "filename", "image")
 
 
@@ -22,8 +22,6 @@ class Item:
 
 def list_folder(root: str) -> list[Item]:
     """Class sub-folders become labels; images directly in `root` are unlabelled."""
-    from massl.data.folder import scan_image_folder  # here, so that worker processes need not import torch
-
     paths, labels, classes = scan_image_folder(root)
     return [Item(p, classes[i] if i >= 0 else None) for p, i in zip(paths, labels)]
 
@@ -73,6 +71,8 @@ def class_map(items: list[Item]) -> dict[str, int]:
 def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
     """Read one image, decode it fully (the check), re-encode as JPEG when its longer side exceeds
     `max_side`. Returns {data, ext, width, height, bytes} or {error}."""
+    from PIL import Image
+
     try:
         with open(path, "rb") as f:
             data = f.read()

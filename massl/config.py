@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_origin, get_type_hints
 
@@ -32,6 +31,7 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads (0: torch's default)
     resume: str = "auto"  # auto | never | path to a checkpoint directory
     log_every: int = 10
+    log_all_ranks: bool = False  # information messages from every rank (warnings and errors always)
     tensorboard: bool = True
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_last: int = 3
@@ -84,24 +84,25 @@ class OptimConfig:
     momentum: float = 0.9  # sgd / lars
     clip_grad: float = 3.0  # 0 disables clipping
     clip_mode: str = "per_param"  # per_param (published) | global
-    momentum_teacher: float = 0.996
+    teacher_momentum: float = 0.996  # teacher EMA momentum at step 0, cosine to 1 (published: momentum_teacher)
 
 
 @dataclass
 class AugConfig:
     interpolation: str = "bicubic"  # bicubic | bilinear
-    flip_prob: float = 0.5
-    color_jitter_prob: float = 0.8
+    flip_prob: float = 0.5  # horizontal flip, every crop
+    color_jitter_prob: float = 0.8  # ColorJitter with the four strengths below, in random order
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2
-    hue: float = 0.1
+    hue: float = 0.1  # in turns of the hue circle
     grayscale_prob: float = 0.2
+    # Gaussian blur (sigma uniform in [0.1, 2]) per crop kind, and solarisation of global crop 2
     blur_prob_global1: float = 1.0
     blur_prob_global2: float = 0.1
     blur_prob_local: float = 0.5
     solarize_prob_global2: float = 0.2
-    rotation_degrees: float = 0.0
+    rotation_degrees: float = 0.0  # random rotation before cropping (0: off, as published)
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -222,6 +223,10 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
+# old key -> new key (same section); the old name is still read, with a warning
+RENAMED = {"optim.momentum_teacher": "optim.teacher_momentum"}
+
+
 def _merge(obj: Any, data: dict, prefix: str = "", strict: bool = True) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
@@ -229,9 +234,14 @@ def _merge(obj: Any, data: dict, prefix: str = "", strict: bool = True) -> None:
     names = {f.name for f in fields(obj)}
     for k, v in data.items():
         key = prefix + str(k)
+        if key in RENAMED:
+            if strict:  # a user's config; a checkpoint of an older run (strict=False) needs no advice
+                logging.getLogger("massl").warning(f"warning: {key} is now called {RENAMED[key]}; please rename it")
+            key = RENAMED[key]
+            k = key.rsplit(".", 1)[1]
         if k not in names:
             if not strict:
-                warnings.warn(f"ignoring config key {key!r} unknown to this version of massl")
+                logging.getLogger("massl").warning(f"warning: ignoring config key {key!r} unknown to this version of massl")
                 continue
             raise ConfigError(f"{key}: unknown key; valid keys here are {', '.join(sorted(names))}")
         current = getattr(obj, k)
@@ -338,7 +348,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
                 "blur_prob_global2", "blur_prob_local", "solarize_prob_global2"):
         v = getattr(a, key)
         _require(0 <= v <= 1, "data.aug." + key, f"is a probability, must be in [0, 1], got {v}")
-    _require(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher", f"must be in [0, 1], got {o.momentum_teacher}")
+    _require(0 <= o.teacher_momentum <= 1, "optim.teacher_momentum", f"must be in [0, 1], got {o.teacher_momentum}")
     _require(o.min_lr <= o.lr, "optim.min_lr", f"({o.min_lr}) must not exceed optim.lr ({o.lr})")
     _require(o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
              f"({o.warmup_epochs}) must not exceed optim.epochs ({o.epochs})")

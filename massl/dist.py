@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
 
 # torch >= 2.12 renamed the tensor collectives; keep working on older releases (the GPU image has 2.11).
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -35,6 +36,16 @@ def _env_int(*names: str) -> Optional[int]:
     return None
 
 
+def resolve_device(name: str, local_rank: int = 0, key: str = "run.device") -> torch.device:
+    """`auto` -> this process's CUDA device when CUDA is visible, else the CPU; `key` names the
+    setting in the error when CUDA is asked for but absent."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: cuda was requested but no CUDA device is visible; use cpu (or auto)")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Read torchrun / DeepSpeed / Slurm variables and start the process group if there are several ranks.
 
@@ -44,14 +55,10 @@ def init_distributed(device: str = "auto") -> DistEnv:
     rank = _env_int("RANK", "SLURM_PROCID") or 0
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device: cuda was requested but no CUDA device is visible; use run.device=cpu")
+    dev = resolve_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
+        torch.cuda.set_device(dev)
     group = None
     if world > 1:
         if not dist.is_initialized():
@@ -64,6 +71,17 @@ def init_distributed(device: str = "auto") -> DistEnv:
             )
         group = dist.group.WORLD
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, group=group)
+
+
+def process_group(env: DistEnv) -> dist.ProcessGroup:
+    """The run's group; for a parallel engine started as one plain process (no launcher), a
+    one-rank group, so that DDP and FSDP also run (and can be benchmarked) at world size 1."""
+    if env.group is not None:
+        return env.group
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1, device_id=env.device if env.device.type == "cuda" else None)
+    return dist.group.WORLD
 
 
 def world_of(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -185,3 +203,73 @@ def all_reduce_(x: torch.Tensor, group: Optional[dist.ProcessGroup], op=dist.Red
 def barrier(group: Optional[dist.ProcessGroup] = None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+# ----------------------------------------------------------------------------- local ranks (tests, benchmarks)
+
+
+def _local_rank_entry(fn, rank, world, port, backend, queue, args, env):
+    import pickle
+    import traceback
+
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        # Pickled here: tensors put on the queue as-is travel as shared memory that dies with this process.
+        result = pickle.dumps(fn(rank, world, *args))
+        dist.barrier()
+        queue.put((rank, "ok", result))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_local_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 300.0,
+                    env: Optional[dict] = None) -> list:
+    """Run `fn(rank, world_size, *args)` (a module-level function) on `world_size` fresh processes
+    of this machine, each with the default process group initialised (`backend`) and one intra-op
+    thread; returns each rank's (picklable) result in rank order. A failure in any rank raises
+    with its traceback. For tests and benchmarks; training uses a launcher."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_local_rank_entry, args=(fn, r, world_size, port, backend, queue, args, env or {}))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = pickle.loads(value)
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("distributed run failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]

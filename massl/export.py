@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .eval.features import checkpoint_config, resolve_checkpoint, teacher_backbone_state
+from .checkpoint.reader import read_config, read_teacher_backbone, resolve_checkpoint
 from .fileio import write_json_atomic
 from .models import backbone_spec
 
@@ -19,8 +19,8 @@ def export_teacher(checkpoint: str, out: str) -> dict:
     if not out.endswith((".safetensors", ".pth", ".pt")):
         raise ValueError(f"--out {out!r}: use a .safetensors, .pth or .pt file name")
     ckpt_dir = resolve_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in teacher_backbone_state(ckpt_dir).items()}
+    cfg = read_config(ckpt_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in read_teacher_backbone(ckpt_dir).items()}
     spec = {**backbone_spec(cfg.model, cfg.data.global_crop_size), "checkpoint": os.path.abspath(ckpt_dir),
             "mean": cfg.data.aug.mean, "std": cfg.data.aug.std}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -1,26 +1,72 @@
-"""Run metrics: a progress line on stdout, TensorBoard scalars and metrics.jsonl (main rank only)."""
+"""Diagnostics and run metrics.
+
+Every message of massl goes through one logger, `logging.getLogger("massl")` (`log` here):
+information on stdout from the main rank, warnings and errors on stderr from every rank
+(prefixed with the rank); `run.log_all_ranks` shows every rank's information too. The run's
+metrics go to a progress line (through the same logger), TensorBoard and metrics.jsonl, from
+the main rank only. No torch at import: the sharding tool uses the same logger.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
 import time
 
-import torch
+from .progress import format_duration
+
+log = logging.getLogger("massl")
 
 
-def peak_memory_gib(device: torch.device) -> float:
+class _StdHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout / sys.stderr is at the time of the message (redirections,
+    test captures), not to the stream of the time the handler was made."""
+
+    def __init__(self, name: str):
+        self._std = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self._std)
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def setup_logging(rank: int = 0, all_ranks: bool = False, quiet: bool = False) -> None:
+    """Configure the massl logger for this process (idempotent: replaces its own handlers).
+    `quiet`: warnings and errors only."""
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    info = _StdHandler("stdout")
+    info.addFilter(_Below(logging.WARNING))
+    problems = _StdHandler("stderr")
+    problems.setLevel(logging.WARNING)
+    for handler in (info, problems):
+        handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    log.handlers = [info, problems]
+    log.setLevel(logging.INFO if (rank == 0 or all_ranks) and not quiet else logging.WARNING)
+
+
+def peak_memory_gib(device) -> float:
     if device.type == "cuda":
+        import torch
+
+
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class MetricsLogger:
@@ -48,22 +94,18 @@ class MetricsLogger:
         if not self.enabled:
             return
         line = (f"step {step}/{self.total_steps} ep {epoch} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
-                f"wd {metrics['wd']:.3g} t_temp {metrics['teacher_temp']:.4f} mom {metrics['momentum']:.5f} "
+                f"wd {metrics['wd']:.3g} t_temp {metrics['teacher_temp']:.4f} t_mom {metrics['teacher_momentum']:.5f} "
                 f"agree {metrics.get('agree_top1', float('nan')):.3f}/{metrics.get('agree_top5', float('nan')):.3f} "
                 f"| {metrics['img_per_s']:.1f} img/s eta {format_duration(metrics['eta_s'])} "
                 f"mem {metrics['peak_mem_gib']:.2f} GiB")
         if metrics.get("skipped_images"):
             line += f" skipped {int(metrics['skipped_images'])}"
-        print(line, flush=True)
+        log.info(line)
         self.jsonl.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"train/{k}", v, step)
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=sys.stderr if text.startswith("warning") else sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

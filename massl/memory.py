@@ -3,9 +3,16 @@
 The ring is global; with `sharded` each rank stores only the K/W contiguous slots
 [offset, offset + K/W) and an enqueue writes the part of the global range that falls on them,
 so the union of the shards always equals the single-process ring.
+
+Checkpoint files (`save`/`load`, one part of a checkpoint): `slots_<first>_<count>.pt`, each a
+run of the ring's slots with the pointer; sharded, every rank writes its own slots, replicated,
+the main rank writes all K. A rank reads the files that overlap its slots, so a checkpoint loads
+at any world size, sharded or replicated, and nothing is gathered to save it.
 """
 from __future__ import annotations
 
+import os
+import re
 from typing import Optional
 
 import torch
@@ -13,6 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .dist import gather_rows, world_of
+
+
+_SLOTS_FILE = re.compile(r"^slots_(\d{12})_(\d{12})\.pt$")
 
 
 class MemoryBank:
@@ -57,12 +67,38 @@ class MemoryBank:
             bank = gather_rows(self.bank.T.contiguous(), self.group).T.contiguous()
         return {"bank": bank, "ptr": self.ptr, "offset": 0, "size": self.size}
 
+    def save(self, directory: str) -> None:
+        if self.sharded or world_of(self.group)[0] == 0:
+            name = f"slots_{self.offset:012d}_{self.local_size:012d}.pt"
+            torch.save(self.state_dict(), os.path.join(directory, name))
+
+    @torch.no_grad()
+    def load(self, directory: str) -> None:
+        covered = 0
+        for name in sorted(os.listdir(directory)):
+            m = _SLOTS_FILE.match(name)
+            if m is None:
+                continue
+            first, count = int(m.group(1)), int(m.group(2))
+            lo, hi = max(first, self.offset), min(first + count, self.offset + self.local_size)
+            if lo < hi:
+                state = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
+                self._check_shape(state["bank"].shape[0], state["size"])
+                self.bank[:, lo - self.offset:hi - self.offset] = state["bank"][:, lo - first:hi - first]
+                self.ptr = int(state["ptr"])
+                covered += hi - lo
+        if covered != self.local_size:
+            raise ValueError(f"memory checkpoint {directory} covers {covered} of this rank's {self.local_size} slots")
+
+    def _check_shape(self, dim: int, size: int) -> None:
+        if (dim, size) != (self.dim, self.size):
+            raise ValueError(f"checkpoint memory is {dim} x {size}, this run's is {self.dim} x {self.size} "
+                             f"(model.head_bottleneck_dim x memory.size); use the checkpoint's values")
+
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Accept the global array or a shard covering our slots, saved at any world size."""
-        if state["size"] != self.size or state["bank"].shape[0] != self.dim:
-            raise ValueError(f"checkpoint memory is {state['bank'].shape[0]} x {state['size']}, "
-                             f"this run's is {self.dim} x {self.size} (memory.size / model.head_bottleneck_dim)")
+        self._check_shape(state["bank"].shape[0], state["size"])
         lo = self.offset - state["offset"]
         if lo < 0 or lo + self.local_size > state["bank"].shape[1]:
             raise ValueError("checkpoint memory shard does not cover this rank's slots")

@@ -6,7 +6,7 @@ step divides by Wu - 1):
   lr(it)       = base * it / (Wu - 1)                               for it < Wu (base = lr * G / 256)
                = min_lr + (base - min_lr) * (1 + cos(pi * (it - Wu) / (T - Wu))) / 2   otherwise
   wd(it)       = wd_end + (wd - wd_end) * (1 + cos(pi * it / T)) / 2
-  momentum(it) = 1 + (m0 - 1) * (1 + cos(pi * it / T)) / 2
+  teacher_momentum(it) = 1 + (m0 - 1) * (1 + cos(pi * it / T)) / 2
   t_temp(it)   = warm + (final - warm) * it / (Wt - 1)  for it < Wt (Wt = warmup_teacher_temp_epochs * ipe),
                  final after (np.linspace(warm, final, Wt) then constant)
 """
@@ -38,7 +38,7 @@ class Schedules:
     warmup_iters: int
     wd: float
     wd_end: float
-    momentum_teacher: float
+    teacher_momentum_start: float
     teacher_temp: float
     warmup_teacher_temp: float
     teacher_temp_iters: int
@@ -54,7 +54,7 @@ class Schedules:
             warmup_iters=int(round(o.warmup_epochs * iters_per_epoch)),
             wd=o.weight_decay,
             wd_end=o.weight_decay_end,
-            momentum_teacher=o.momentum_teacher,
+            teacher_momentum_start=o.teacher_momentum,
             teacher_temp=lo.teacher_temp,
             warmup_teacher_temp=lo.warmup_teacher_temp,
             teacher_temp_iters=int(round(lo.warmup_teacher_temp_epochs * iters_per_epoch)),
@@ -68,8 +68,8 @@ class Schedules:
     def weight_decay(self, it: int) -> float:
         return cosine(it, self.total_iters, self.wd, self.wd_end)
 
-    def momentum(self, it: int) -> float:
-        return cosine(it, self.total_iters, self.momentum_teacher, 1.0)
+    def teacher_momentum(self, it: int) -> float:
+        return cosine(it, self.total_iters, self.teacher_momentum_start, 1.0)
 
     def teacher_temperature(self, it: int) -> float:
         if it < self.teacher_temp_iters:
@@ -77,5 +77,5 @@ class Schedules:
         return self.teacher_temp
 
     def at(self, it: int) -> dict:
-        return {"lr": self.lr(it), "wd": self.weight_decay(it), "momentum": self.momentum(it),
+        return {"lr": self.lr(it), "wd": self.weight_decay(it), "teacher_momentum": self.teacher_momentum(it),
                 "teacher_temp": self.teacher_temperature(it)}

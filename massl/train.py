@@ -1,57 +1,34 @@
-"""The training loop: the same for every engine and data source (architecture.md's data flow)."""
+"""The training loop: the same for every engine and data source (architecture.md's data flow).
+
+`train` builds the run's components (`build_run`), resumes them, then runs the loop; one step is
+`train_step`. Logging and checkpoints are the named helpers below the loop.
+"""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CheckpointManager
-from .config import Config, validate
+from .checkpoint import CheckpointManager, read_checkpoint_manifest
+from .config import Config, ConfigError, validate
 from .data import build_data
 from .dist import DistEnv, all_reduce_, init_distributed, world_of
-from .engines import build_engine
-from .logging import MetricsLogger, peak_memory_gib
+from .engines import Engine, build_engine
+from .logging import MetricsLogger, log, peak_memory_gib, setup_logging
 from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
 from .memory import MemoryBank
 from .models import build_student_teacher
 from .schedules import Schedules
 from .signals import StopOnSignal
+from .trainer_state import TrainerState
 
 STOP_POLL_STEPS = 10  # steps between checks for a stop signal (each is a tiny all-reduce)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _rng_states(env: DistEnv) -> list[dict]:
-    """Every rank's RNG state, in rank order (collective), so that the main rank can save them all."""
-    local = _rng_state(env.device)
-    if env.world_size == 1:
-        return [local]
-    states: list = [None] * env.world_size
-    torch.distributed.all_gather_object(states, local, group=env.group)
-    return states
-
-
-def _restore_rng(states: list[dict], env: DistEnv, seed: int, step: int) -> None:
-    """This rank's saved state; from a run of another world size, a state derived from (seed, step, rank)."""
-    if len(states) != env.world_size:
-        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}-{step}-{env.rank}".encode()).digest()[:8], "little"))
-        return
-    state = states[env.rank]
-    torch.set_rng_state(state["cpu"].cpu())
-    if env.device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), env.device)
 
 
 def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, h: dict,
@@ -80,7 +57,8 @@ def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, 
         loss = loss + cfg.loss.koleo_weight * out["koleo"]
         objective = objective + cfg.loss.koleo_weight * out["koleo"] * global_term_scale(koleo_group)
     engine.backward(objective)
-    out["grad_norm"] = engine.step(h["lr"], h["wd"], h["momentum"])
+    out.update(engine.step(h["lr"], h["wd"]))
+    engine.update_teacher(h["teacher_momentum"])
     out["loss"] = loss.detach()
     if monitor:
         out["agree_top1"], out["agree_top5"] = partition_agreement(
@@ -96,18 +74,108 @@ def global_term_scale(group) -> float:
     return float(world_of(group)[1])
 
 
-def _resume_dir(cfg: Config, ckpt: CheckpointManager):
-    if cfg.run.resume == "never":
+@dataclass
+class Run:
+    """The components of a run, built once by `build_run`."""
+
+    cfg: Config
+    env: DistEnv
+    data: object  # a DataSource (massl/data/__init__.py)
+    engine: Engine
+    memory: MemoryBank
+    state: TrainerState
+    sched: Schedules
+    ckpt: CheckpointManager
+    global_batch: int
+    stop_step: int  # run.max_steps, or the end of the schedules
+
+    @property
+    def parts(self) -> dict:
+        """What a checkpoint holds, each part saved and loaded by its owner."""
+        return {"engine": self.engine, "memory": self.memory, "trainer": self.state}
+
+
+def build_run(cfg: Config, env: DistEnv) -> Run:
+    data = build_data(cfg, env.rank, env.world_size, env.device.type)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    engine = build_engine(cfg, env, *build_student_teacher(cfg))
+    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
+                        sharded=cfg.memory.sharded, seed=cfg.run.seed, device=env.device)
+    global_batch = cfg.data.batch_size * env.world_size
+    sched = Schedules.from_config(cfg, data.iters_per_epoch, global_batch)
+    stop = min(sched.total_iters, cfg.run.max_steps) if cfg.run.max_steps else sched.total_iters
+    ckpt = CheckpointManager(cfg.run.output_dir, cfg.run.keep_last, env.is_main, env.group)
+    return Run(cfg, env, data, engine, memory, TrainerState(env, cfg.run.seed), sched, ckpt, global_batch, stop)
+
+
+def resume(run: Run) -> str | None:
+    """Load the checkpoint that run.resume names (auto: the newest complete one); returns its path."""
+    setting = run.cfg.run.resume
+    directory = None if setting == "never" else run.ckpt.latest_complete() if setting == "auto" else setting
+    if directory is None:
         return None
-    if cfg.run.resume == "auto":
-        return ckpt.latest_complete()
-    return cfg.run.resume
+    manifest = read_checkpoint_manifest(directory)
+    fmt, engine = manifest.get("format", "torch"), run.engine
+    if fmt != engine.checkpoint_format:
+        raise ConfigError(
+            f"run.resume: checkpoint {directory} was written by engine {manifest.get('engine', '?')!r} (format "
+            f"{fmt!r}); engine.name={engine.name} reads format {engine.checkpoint_format!r}. Resume with the engine "
+            f"that wrote it, or start fresh with run.resume=never or a new run.output_dir")
+    run.ckpt.load(directory, run.parts)
+    return directory
 
 
-def train(cfg: Config, env: DistEnv | None = None) -> dict:
-    """Run (or resume) the training described by `cfg`. Returns a summary of the last step."""
-    env = env or init_distributed(cfg.run.device)
-    validate(cfg, env.world_size, device_type=env.device.type)
+class StepWindow:
+    """What the loop accumulates on the device (no host sync per step): the loss sum since the
+    last log, the images skipped since the start, and the first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.steps = 0
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, step: int, out: dict, skipped: int) -> None:
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(out["loss"]), step, self.bad_step)
+        self.loss_sum += out["loss"]
+        self.skipped += skipped
+        self.steps += 1
+
+    def check_finite(self, run: Run) -> None:
+        """Collective: raise if any rank saw a non-finite loss (before logging or checkpointing it)."""
+        first = all_reduce_(self.bad_step.clone(), run.env.group, op=torch.distributed.ReduceOp.MAX).item()
+        if first >= 0:
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {first}; the last complete checkpoint in {run.ckpt.root} "
+                f"is intact. Lower optim.lr, raise optim.warmup_epochs, or use run.precision=fp32")
+
+    def reduce(self, run: Run) -> dict:
+        """Collective: the mean loss over the window and the ranks (ranks that see only their own
+        batch have their own loss), the skipped images summed over the ranks; then start a new window."""
+        world = run.env.world_size
+        stats = all_reduce_(torch.stack([self.loss_sum / self.steps / world, self.skipped]), run.env.group)
+        self.loss_sum.zero_()
+        self.steps = 0
+        return {"loss": stats[0].item(), "skipped_images": stats[1].item()}
+
+
+def log_metrics(run: Run, logger: MetricsLogger, window: StepWindow, step: int, h: dict, out: dict) -> dict:
+    window.check_finite(run)
+    metrics = {**window.reduce(run), **h, "peak_mem_gib": peak_memory_gib(run.env.device),
+               **{k: v.item() for k, v in out.items() if k != "loss"}}
+    logger.log(step, (step - 1) // run.data.iters_per_epoch, metrics, run.global_batch)
+    return {"step": step, **metrics}
+
+
+def save_checkpoint(run: Run, window: StepWindow, step: int) -> None:
+    window.check_finite(run)  # never seal a checkpoint of a diverged run
+    run.state.step = step
+    run.ckpt.save(step, run.parts, meta={
+        "format": run.engine.checkpoint_format, "engine": run.engine.name, "world_size": run.env.world_size,
+        "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict()})
+
+
+def prepare_process(cfg: Config, env: DistEnv) -> None:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if env.device.type == "cpu":
@@ -118,87 +186,46 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         with open(os.path.join(cfg.run.output_dir, "config.yaml"), "w") as f:
             f.write(cfg.to_yaml())
 
-    data = build_data(cfg, env.rank, env.world_size, env.device.type)
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    student, teacher = build_student_teacher(cfg)
-    engine = build_engine(cfg, env, student, teacher)
-    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
-                        sharded=cfg.memory.sharded, seed=cfg.run.seed, device=env.device)
-    global_batch = cfg.data.batch_size * env.world_size
-    ipe = data.iters_per_epoch
-    sched = Schedules.from_config(cfg, ipe, global_batch)
-    total_steps = cfg.optim.epochs * ipe
-    stop = min(total_steps, cfg.run.max_steps) if cfg.run.max_steps else total_steps
 
-    ckpt = CheckpointManager(cfg.run.output_dir, cfg.run.keep_last, env.is_main, env.group)
-    step = 0
-    resume_from = _resume_dir(cfg, ckpt)
-    if resume_from:
-        trainer_state = engine.load(resume_from, memory)
-        step = int(trainer_state["step"])
-        _restore_rng(trainer_state["rng"], env, cfg.run.seed, step)
-    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, total_steps, step)
-    logger.message(f"massl: engine {engine.name}, {env.world_size} rank(s) on {env.device.type}, precision "
-                   f"{engine.precision}, global batch {global_batch}, {ipe} steps/epoch, steps {step} -> {stop}"
-                   + (f", resumed from {resume_from}" if resume_from else ""))
-
-    def save_checkpoint() -> None:
-        check_finite()
-        trainer_state = {"step": step, "rng": _rng_states(env)}
-        ckpt.save(step, lambda d: engine.save(d, memory, trainer_state),
-                  meta={"format": engine.checkpoint_format, "engine": engine.name, "world_size": env.world_size,
-                        "epoch": step // ipe, "config": cfg.to_dict()})
-
-    bad_step = torch.full((), -1, dtype=torch.long, device=env.device)  # first non-finite step, no sync
-
-    def check_finite() -> None:
-        first = all_reduce_(bad_step.clone(), env.group, op=torch.distributed.ReduceOp.MAX)
-        if first.item() >= 0:
-            raise NonFiniteLossError(
-                f"the loss became non-finite at step {first.item()}; the last complete checkpoint in "
-                f"{ckpt.root} is intact. Lower optim.lr, raise optim.warmup_epochs, or use run.precision=fp32")
-
-    loss_sum, window = torch.zeros((), device=env.device), 0  # loss summed over the steps since the last log
-    skipped = torch.zeros((), device=env.device)
-    summary = {"step": step}
+def train(cfg: Config, env: DistEnv | None = None) -> dict:
+    """Run (or resume) the training described by `cfg`. Returns a summary of the last step."""
+    env = env or init_distributed(cfg.run.device)
+    setup_logging(env.rank, cfg.run.log_all_ranks)
+    validate(cfg, env.world_size, device_type=env.device.type)
+    prepare_process(cfg, env)
+    run = build_run(cfg, env)
+    resumed_from = resume(run)
+    step, stop, ipe = run.state.step, run.stop_step, run.data.iters_per_epoch
+    log.info(f"massl: engine {run.engine.name}, {env.world_size} rank(s) on {env.device.type}, precision "
+             f"{run.engine.precision}, global batch {run.global_batch}, {ipe} steps/epoch, steps {step} -> {stop}"
+             + (f", resumed from {resumed_from}" if resumed_from else ""))
+    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step)
+    window, summary = StepWindow(env.device), {"step": step}
     stop_signal = StopOnSignal(env.device, env.group).install()
     try:
         while step < stop:
             epoch, start = divmod(step, ipe)
-            for batch in data.epoch(epoch, start):
-                crops = data.prepare(batch, env.device)
-                h = sched.at(step)
+            for batch in run.data.epoch(epoch, start):
+                h = run.sched.at(step)
                 log_now = (step + 1) % cfg.run.log_every == 0 or step + 1 == stop
-                out = train_step(engine, memory, crops, cfg, step, h, env.group, monitor=log_now)
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(out["loss"]), step, bad_step)
-                loss_sum += out["loss"]
-                window += 1
-                skipped += batch.skipped
+                crops = run.data.prepare(batch, env.device)
+                out = train_step(run.engine, run.memory, crops, cfg, step, h, env.group, monitor=log_now)
+                window.add(step, out, batch.skipped)
                 step += 1
                 if log_now:
-                    check_finite()
-                    # the loss of ranks that see only their own batch (replicated memory, local KoLeo)
-                    # differs: report the mean over ranks; skipped images are summed
-                    stats = all_reduce_(torch.stack([loss_sum / window / env.world_size, skipped]), env.group)
-                    metrics = {"loss": stats[0].item(), "skipped_images": stats[1].item(), **h,
-                               "peak_mem_gib": peak_memory_gib(env.device),
-                               **{k: v.item() for k, v in out.items() if k != "loss"}}
-                    logger.log(step, epoch, metrics, global_batch)
-                    summary = {"step": step, **metrics}
-                    loss_sum.zero_()
-                    window = 0
+                    summary = log_metrics(run, logger, window, step, h, out)
                 if (log_now or step % STOP_POLL_STEPS == 0) and step < stop and stop_signal.agreed():
-                    logger.message(f"massl: stop signal received; checkpointing at step {step} and exiting")
+                    log.info(f"massl: stop signal received; checkpointing at step {step} and exiting")
                     stop = step
                     summary["stopped_by_signal"] = True
                 if step % cfg.run.checkpoint_every == 0 or step == stop:  # always at the last step
-                    save_checkpoint()
+                    save_checkpoint(run, window, step)
                 if step >= stop:
                     break
     finally:
         stop_signal.uninstall()
         logger.close()
-        data.close()
+        run.data.close()
     summary["final_step"] = step
     if env.is_main:
         with open(os.path.join(cfg.run.output_dir, "summary.json"), "w") as f:

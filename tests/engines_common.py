@@ -21,7 +21,7 @@ BASE = {
     # SGD: exact enough to compare engines step by step (pitfalls.md #8); the per-parameter
     # clip (0.5, gradient norms are ~30) is active on every step.
     "optim": {"name": "sgd", "epochs": 4, "lr": 0.5, "min_lr": 0.0, "warmup_epochs": 0, "clip_grad": 0.5,
-              "clip_mode": "per_param", "momentum_teacher": 0.9},
+              "clip_mode": "per_param", "teacher_momentum": 0.9},
     "data": {"batch_size": GLOBAL_BATCH, "num_workers": 0, "global_crop_size": 32, "local_crop_size": 16,
              "local_crops_number": 2},
     "engine": {"name": "single"},

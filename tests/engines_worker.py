@@ -21,9 +21,9 @@ from massl.train import train
 def hold_inside_checkpoint_write(step: int, markers: str) -> None:
     write = FSDPEngine.save
 
-    def write_then_hold(self, directory, memory, trainer_state):
-        write(self, directory, memory, trainer_state)
-        if trainer_state["step"] == step:
+    def write_then_hold(self, directory):
+        write(self, directory)  # <run>/checkpoints/.tmp-step_<N>/engine
+        if os.path.basename(os.path.dirname(directory)) == f".tmp-step_{step:09d}":
             open(os.path.join(markers, f"held.{self.env.rank}"), "w").close()
             time.sleep(600)
 

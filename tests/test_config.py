@@ -18,7 +18,7 @@ def test_defaults_are_the_published_vit_base_recipe(base):
     cfg = load_config(None, base)
     assert (cfg.model.arch, cfg.model.patch_size, cfg.memory.size, cfg.memory.partition_size) == ("vit_base", 16, 131072, 16384)
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.00075, 2e-6, 0.04, 0.4)
-    assert (cfg.optim.momentum_teacher, cfg.optim.clip_grad, cfg.optim.warmup_epochs, cfg.optim.epochs) == (0.996, 3.0, 10, 400)
+    assert (cfg.optim.teacher_momentum, cfg.optim.clip_grad, cfg.optim.warmup_epochs, cfg.optim.epochs) == (0.996, 3.0, 10, 400)
     assert (cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, cfg.loss.warmup_teacher_temp_epochs) == (0.04, 0.07, 50)
     assert (cfg.data.local_crops_number, cfg.data.global_crops_scale, cfg.data.local_crops_scale) == (10, [0.32, 1.0], [0.05, 0.32])
     assert (cfg.model.drop_path, cfg.model.head_use_bn, cfg.loss.koleo_weight, cfg.data.batch_size) == (0.1, False, 0.0, 32)

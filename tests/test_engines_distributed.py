@@ -18,13 +18,16 @@ import pytest
 import timm
 import torch
 
-from massl.config import config_from_dict
+from massl.config import ConfigError, config_from_dict
 from massl.dist import init_distributed
-from massl.engines import build_engine, load_teacher_state_dict
+from massl.checkpoint import CheckpointManager
+from massl.checkpoint.reader import read_teacher_state_dict
+from massl.engines import build_engine
 from massl.memory import MemoryBank
 from massl.models import build_student_teacher, backbone_spec
 from massl.optim import clip_grads_
 from massl.train import train
+from massl.trainer_state import TrainerState
 from tests.distributed import run_ranks
 from tests.engines_common import losses, step_dir, tiny_config, write_images
 
@@ -48,7 +51,7 @@ def _build_and_load(cfg_dict, checkpoint):
     engine = build_engine(cfg, env, student, teacher)
     memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
                         sharded=cfg.memory.sharded, seed=cfg.run.seed + 1, device=env.device)
-    engine.load(checkpoint, memory)
+    CheckpointManager.load(checkpoint, {"engine": engine, "memory": memory, "trainer": TrainerState(env, cfg.run.seed)})
     return engine, memory
 
 
@@ -135,7 +138,7 @@ def test_engines_give_the_same_losses_and_teacher(runs):
     for name in ("single_ac", "ddp", "fsdp"):
         _assert_losses_match(losses(out[name]), ref, range(1, 6))
 
-    teachers = {name: load_teacher_state_dict(step_dir(out[name], 5)) for name in ("single", "ddp", "fsdp")}
+    teachers = {name: read_teacher_state_dict(step_dir(out[name], 5)) for name in ("single", "ddp", "fsdp")}
     torch.manual_seed(0)  # the runs' seed: their initial teacher
     initial = build_student_teacher(config_from_dict(tiny_config(runs["data"], "unused")))[1].state_dict()
     moved = max(float((teachers["single"][k] - initial[k]).abs().max()) for k in initial)
@@ -165,7 +168,7 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(runs, images, world):
 
 
 def test_exported_fsdp_teacher_loads_strictly_into_timm(runs, images):
-    state = load_teacher_state_dict(step_dir(runs["out"]["fsdp"], 4))
+    state = read_teacher_state_dict(step_dir(runs["out"]["fsdp"], 4))
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     cfg = config_from_dict(runs["fsdp_cfg"])
     spec = backbone_spec(cfg.model, cfg.data.global_crop_size)
@@ -191,6 +194,6 @@ def test_ddp_checkpoint_resumes_in_one_process(runs):
 
 def test_resume_refuses_a_checkpoint_of_another_format(runs):
     cfg = tiny_config(runs["data"], str(runs["root"] / "wrong_format"), run={"resume": step_dir(runs["out"]["fsdp"], 4)})
-    with pytest.raises(ValueError, match="run.resume: .*format 'dcp'"):
+    with pytest.raises(ConfigError, match="run.resume: .*format 'dcp'"):
         train(config_from_dict(cfg))
     assert os.path.isdir(step_dir(runs["out"]["fsdp"], 4))

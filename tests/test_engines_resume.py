@@ -101,13 +101,15 @@ def test_fsdp_run_killed_mid_checkpoint_resumes_and_reproduces_losses(tmp_path):
 
     root = os.path.join(out, "checkpoints")
     cut_short = os.path.join(root, ".tmp-step_000000006")
-    assert os.path.isfile(os.path.join(cut_short, ".metadata")), "the kill should land after the shard files"
+    assert os.path.isfile(os.path.join(cut_short, "engine", ".metadata")), "the kill should land after the shard files"
     assert not os.path.exists(step_dir(out, 6))
     assert is_complete(step_dir(out, 3))[0]
     # Newer directories that look like checkpoints but are not complete.
     truncated, unsealed = step_dir(out, 5), step_dir(out, 4)
     shutil.copytree(step_dir(out, 3), truncated)
-    shard = max((os.path.join(truncated, n) for n in os.listdir(truncated) if n.endswith(".distcp")), key=os.path.getsize)
+    engine_files = os.path.join(truncated, "engine")
+    shard = max((os.path.join(engine_files, n) for n in os.listdir(engine_files) if n.endswith(".distcp")),
+                key=os.path.getsize)
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     shutil.copytree(step_dir(out, 3), unsealed)

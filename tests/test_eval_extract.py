@@ -10,8 +10,7 @@ from PIL import Image
 
 from massl.config import ModelConfig
 from massl.eval.cache import cache_key, load_cached, weights_digest
-from massl.eval.extract import extract_features
-from massl.eval.features import eval_transform
+from massl.eval.extract import eval_transform, extract_features
 from massl.eval.inputs import ImageFolderInput, ShardInput, open_input
 from massl.models import build_backbone
 from tests.distributed import run_ranks

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from massl.eval.features import checkpoint_config
+from massl.checkpoint.reader import read_config
 from massl.export import export_teacher
 from massl.models import build_student_teacher
 from massl.train import train
@@ -20,7 +20,7 @@ def trained_run(digits_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export"))
     # no warm-up, lr 1e-2 and teacher momentum 0.5: three steps move every teacher weight by ~1e-3 or more
     train(load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), out) + [
-        "run.max_steps=3", "model.pooling=mean", "optim.warmup_epochs=0", "optim.lr=0.32", "optim.momentum_teacher=0.5"]))
+        "run.max_steps=3", "model.pooling=mean", "optim.warmup_epochs=0", "optim.lr=0.32", "optim.teacher_momentum=0.5"]))
     return out
 
 
@@ -38,10 +38,10 @@ def test_export_loads_strictly_into_timm_with_same_features(trained_run, tmp_pat
     model.load_state_dict(state, strict=True)
 
     ckpt = os.path.join(trained_run, "checkpoints", "step_000000003")
-    cfg = checkpoint_config(ckpt)
+    cfg = read_config(ckpt)
     _, teacher = build_student_teacher(cfg)
     # the reference reads the checkpoint file directly, not through the export's reader
-    teacher.load_state_dict(torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)["teacher"])
+    teacher.load_state_dict(torch.load(os.path.join(ckpt, "engine", "state.pt"), weights_only=True)["teacher"])
     x = torch.randn(4, 3, cfg.data.global_crop_size, cfg.data.global_crop_size)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), teacher.eval().backbone(x))

@@ -34,10 +34,10 @@ SHARED = {
 }
 PUBLISHED = {
     "configs/vit_base.yaml": {**SHARED, "model.arch": "vit_base", "data.batch_size": 32, "optim.epochs": 400,
-                              "optim.lr": 0.00075, "optim.min_lr": 2e-6, "optim.momentum_teacher": 0.996,
+                              "optim.lr": 0.00075, "optim.min_lr": 2e-6, "optim.teacher_momentum": 0.996,
                               "loss.warmup_teacher_temp_epochs": 50, "optim.warmup_epochs": 10},
     "configs/vit_small.yaml": {**SHARED, "model.arch": "vit_small", "data.batch_size": 64, "optim.epochs": 800,
-                               "optim.lr": 0.0005, "optim.min_lr": 1e-6, "optim.momentum_teacher": 0.992,
+                               "optim.lr": 0.0005, "optim.min_lr": 1e-6, "optim.teacher_momentum": 0.992,
                                "loss.warmup_teacher_temp_epochs": 30, "optim.warmup_epochs": 0},
 }
 
@@ -137,12 +137,12 @@ def test_schedules_follow_the_published_formulas_at_every_step(tmp_path):
         "model.patch_size=8", "model.head_hidden_dim=32", "model.head_bottleneck_dim=8", "data.global_crop_size=16",
         "data.local_crops_number=0", f"data.batch_size={batch}", "data.num_workers=0", "memory.size=32",
         "memory.partition_size=8", f"optim.epochs={epochs}", "optim.warmup_epochs=2", "optim.lr=0.1",
-        "optim.min_lr=0.001", "optim.momentum_teacher=0.9", "loss.warmup_teacher_temp_epochs=3"])
+        "optim.min_lr=0.001", "optim.teacher_momentum=0.9", "loss.warmup_teacher_temp_epochs=3"])
     train(cfg)
     expected = {
         "lr": _cosine_scheduler(0.1 * batch / 256, 0.001, epochs, ipe, warmup_epochs=2),
         "wd": _cosine_scheduler(0.04, 0.4, epochs, ipe),
-        "momentum": _cosine_scheduler(0.9, 1, epochs, ipe),
+        "teacher_momentum": _cosine_scheduler(0.9, 1, epochs, ipe),
         "teacher_temp": np.concatenate((np.linspace(0.04, 0.07, 3 * ipe), np.ones((epochs - 3) * ipe) * 0.07)),
     }
     records = read_metrics(out)
@@ -195,7 +195,7 @@ def _koleo_step(rank, world, data, sharded):
     g = torch.Generator().manual_seed(rank)
     colours = 3 * torch.randn(4, 3, 1, 1, generator=g)  # a colour per image: no near-tie of nearest neighbours
     crops = [colours + torch.randn(4, 3, size, size, generator=g) for size in (16, 16, 8)]
-    h = {"lr": 0.05, "wd": 0.0, "momentum": 0.9, "teacher_temp": 0.05}
+    h = {"lr": 0.05, "wd": 0.0, "teacher_momentum": 0.9, "teacher_temp": 0.05}
     koleo = train_step(engine, memory, crops, cfg, 0, h, env.group, monitor=True)["koleo"]
 
     zs = ref_student(crops)

@@ -60,8 +60,9 @@ def test_loop_enqueues_teacher_view1_after_the_loss(tiny_config):
                                   cfg.loss.student_temp, temp)
     assert abs(logged - before.item()) < 1e-5 * before.item()
 
-    ckpt = os.path.join(cfg.run.output_dir, "checkpoints", "step_000000001", "state.pt")
-    state = torch.load(ckpt, weights_only=True)["memory"]
+    memory_dir = os.path.join(cfg.run.output_dir, "checkpoints", "step_000000001", "memory")
+    (slots_file,) = os.listdir(memory_dir)  # one process: one file with all the slots
+    state = torch.load(os.path.join(memory_dir, slots_file), weights_only=True)
     G = cfg.data.batch_size
     assert state["ptr"] == G
     assert torch.allclose(state["bank"][:, :G], zt[1].T, atol=1e-5)  # computed here with other thread counts

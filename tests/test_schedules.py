@@ -11,7 +11,7 @@ from massl.schedules import Schedules
 def sched(tmp_path):
     cfg = load_config(None, [f"data.path={tmp_path}", "optim.epochs=10", "optim.warmup_epochs=2", "optim.lr=0.001",
                              "optim.min_lr=1e-5", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4",
-                             "optim.momentum_teacher=0.996", "loss.warmup_teacher_temp=0.04",
+                             "optim.teacher_momentum=0.996", "loss.warmup_teacher_temp=0.04",
                              "loss.teacher_temp=0.07", "loss.warmup_teacher_temp_epochs=3"])
     return Schedules.from_config(cfg, iters_per_epoch=100, global_batch=512)  # 1000 iterations
 
@@ -37,10 +37,10 @@ def test_weight_decay(sched):
 
 
 def test_teacher_momentum(sched):
-    assert sched.momentum(0) == pytest.approx(0.996)
-    assert sched.momentum(500) == pytest.approx(0.998)
-    assert sched.momentum(750) == pytest.approx(1 - 0.004 * (1 + math.cos(math.pi * 0.75)) / 2)
-    assert sched.momentum(1000) == pytest.approx(1.0)
+    assert sched.teacher_momentum(0) == pytest.approx(0.996)
+    assert sched.teacher_momentum(500) == pytest.approx(0.998)
+    assert sched.teacher_momentum(750) == pytest.approx(1 - 0.004 * (1 + math.cos(math.pi * 0.75)) / 2)
+    assert sched.teacher_momentum(1000) == pytest.approx(1.0)
 
 
 def test_teacher_temperature(sched):

@@ -1,19 +1,21 @@
 """Input pipelines. A DataSource has `iters_per_epoch` (equal on every rank), `epoch(epoch,
-start_batch)` yielding Batches for this rank, `prepare(batch, device)` -> list of V normalised
-float crop tensors on the device, and `close()`."""
+start_batch)` yielding Batches (batch.py) for this rank, `prepare(batch, device)` -> list of V
+normalised float crop tensors on the device, and `close()`.
+
+Nothing heavy is imported here: `massl.data.shards`, `massl.data.epoch_plan` and
+`massl.data.files` need neither torch nor PIL (the sharding tool's processes import them).
+"""
 from __future__ import annotations
 
-from ..config import Config
-from .batch import Batch
-from .folder import ImageFolderSource
 
-
-def build_data(cfg: Config, rank: int, world: int, device_type: str = "cpu"):
+def build_data(cfg, rank: int, world: int, device_type: str = "cpu"):
     d = cfg.data
     pin = device_type == "cuda"
     # auto: photometric ops on the GPU when there is one (the CPU then only decodes and crops)
     on_device = d.gpu_augment == "true" or (d.gpu_augment == "auto" and device_type == "cuda")
     if d.source == "imagefolder":
+        from .folder import ImageFolderSource
+
         return ImageFolderSource(d, cfg.run.seed, rank, world, pin_memory=pin, gpu_augment=on_device)
     if d.source == "webdataset":
         from .webdataset import WebDatasetSource, require_webdataset  # webdataset is an optional dependency
@@ -23,4 +25,4 @@ def build_data(cfg: Config, rank: int, world: int, device_type: str = "cpu"):
     raise ValueError(f"data.source: unknown source {d.source!r}")
 
 
-__all__ = ["Batch", "build_data"]
+__all__ = ["build_data"]

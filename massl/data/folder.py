@@ -1,7 +1,6 @@
 """Image-folder input: class sub-folders (labels) or a flat folder, read with random access."""
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
@@ -9,32 +8,8 @@ from PIL import Image
 
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
+from .files import scan_image_folder
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
-
-
-def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
-    """(paths, labels, class names). Sub-folders are classes; files directly in `root` get label -1."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    paths, labels = [], []
-    for f in sorted(os.listdir(root)):
-        if f.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(os.path.join(root, f)):
-            paths.append(os.path.join(root, f))
-            labels.append(-1)
-    for ci, c in enumerate(classes):
-        for dirpath, dirnames, files in os.walk(os.path.join(root, c)):
-            dirnames.sort()
-            for f in sorted(files):
-                if f.lower().endswith(IMG_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(ci)
-    if not paths:
-        raise ValueError(f"image folder {root!r} holds no images (extensions: {', '.join(IMG_EXTENSIONS)})")
-    return paths, labels, classes
-
 
 class MultiCropFolder(torch.utils.data.Dataset):
     """Indexed by (epoch, index). An unreadable image is replaced by the next readable one and counted."""

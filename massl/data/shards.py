@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+import re
 import tarfile
 from typing import IO, Iterator, Optional
+
+from .files import image_extension
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "massl-shards"
 MANIFEST_VERSION = 1
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 # What a damaged shard raises while being read: truncated data, a bad header, a failed pipe: command.
 SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
 
@@ -68,10 +71,6 @@ def iter_samples(tar: tarfile.TarFile, skip: int = 0) -> Iterator[tuple[str, dic
         yield key, files
 
 
-def image_extension(files: dict) -> Optional[str]:
-    return next((e for e in IMAGE_EXTENSIONS if e in files), None)
-
-
 def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
     """(hex digest, size in bytes)."""
     h, size = hashlib.sha256(), 0
@@ -82,7 +81,15 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def read_manifest(path: str) -> dict:
+def shard_manifest(shards: list[dict], source: str, options: dict, classes: dict, skipped: list[dict]) -> dict:
+    """The manifest of a set of shards (name, samples, bytes, sha256 each), as massl-shard writes it."""
+    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "source": source, "options": options,
+            "shards": [{k: s[k] for k in ("name", "samples", "bytes", "sha256")} for s in shards],
+            "num_shards": len(shards), "total_samples": sum(s["samples"] for s in shards),
+            "total_bytes": sum(s["bytes"] for s in shards), "classes": classes, "skipped": skipped}
+
+
+def read_shard_manifest(path: str) -> dict:
     """Load and sanity-check a manifest written by massl-shard (or `massl-shard index`)."""
     with open(path) as f:
         m = json.load(f)
@@ -92,3 +99,54 @@ def read_manifest(path: str) -> dict:
         if not {"name", "samples", "bytes", "sha256"} <= set(s):
             raise ValueError(f"{path}: shard entry {s} lacks name, samples, bytes or sha256")
     return m
+
+
+def _closing_brace(text: str, start: int) -> int:
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return -1
+
+
+def _top_level_split(text: str) -> list[str]:
+    parts, depth, last = [], 0, 0
+    for i, c in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(text[last:i])
+            last = i + 1
+    return parts + [text[last:]]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: `a-{000..002}.tar` (zero-padded numeric ranges), `{x,y}`,
+    nested; a group with neither is kept as written."""
+    start = pattern.find("{")
+    end = _closing_brace(pattern, start) if start >= 0 else -1
+    if end < 0:
+        return [pattern]
+    head, body, tail = pattern[:start], pattern[start + 1:end], expand_braces(pattern[end + 1:])
+    bounds = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if bounds:
+        a, b = bounds.groups()
+        padded = any(len(x.lstrip("-")) > 1 and x.lstrip("-").startswith("0") for x in (a, b))
+        width = max(len(a), len(b)) if padded else 0
+        step = 1 if int(b) >= int(a) else -1
+        options = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    else:
+        options = _top_level_split(body)
+        if len(options) == 1:
+            return [head + "{" + body + "}" + t for t in tail]
+        options = [o for option in options for o in expand_braces(option)]
+    return [head + o + t for o in options for t in tail]
+
+
+def expand_shard_urls(urls: str) -> list[str]:
+    """data.urls -> shard URLs: a folder holding a manifest (its shards), or '::'-separated brace
+    patterns of paths and `pipe:` commands."""
+    if os.path.isdir(urls):
+        manifest = read_shard_manifest(os.path.join(urls, MANIFEST_NAME))
+        return [os.path.join(urls, s["name"]) for s in manifest["shards"]]
+    return [url for pattern in urls.split("::") for url in expand_braces(pattern)]

@@ -16,17 +16,18 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import sys
 from typing import Iterator, Optional
 
 import torch
 from PIL import Image
 
+from ..logging import log
 from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
 from .epoch_plan import block_permutation, epoch_pieces, resume_point, worker_span
+from .files import image_extension
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
-from .shards import MANIFEST_NAME, SHARD_ERRORS, image_extension, iter_samples, open_tar, read_manifest
+from .shards import MANIFEST_NAME, SHARD_ERRORS, expand_shard_urls, iter_samples, open_tar, read_shard_manifest
 
 
 def require_webdataset():
@@ -39,15 +40,7 @@ def require_webdataset():
 
 
 def warn(message: str) -> None:
-    print(f"massl data: {message}", file=sys.stderr, flush=True)
-
-
-def expand_urls(urls: str) -> list[str]:
-    """A folder -> the shards its manifest lists; otherwise '::'-separated brace patterns."""
-    if os.path.isdir(urls):
-        manifest = read_manifest(os.path.join(urls, MANIFEST_NAME))
-        return [os.path.join(urls, s["name"]) for s in manifest["shards"]]
-    return list(require_webdataset().shardlists.expand_urls(urls))
+    log.warning(f"massl data: {message}")
 
 
 def is_local(url: str) -> bool:
@@ -148,14 +141,14 @@ class WebDatasetSource:
     """DataSource over tar shards: `epoch(e, start)` yields this rank's Batches, `prepare` moves them."""
 
     def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False, gpu_augment: bool = False):
-        self.urls = expand_urls(d.urls)
+        self.urls = expand_shard_urls(d.urls)
         if not self.urls:
             raise ValueError(f"data.urls: {d.urls!r} names no shards")
         manifest_path = find_manifest(d.urls, d.manifest, self.urls)
         if not os.path.isfile(manifest_path):
             raise ValueError(f"data.manifest: {manifest_path} does not exist; write the shards with massl-shard, "
                              f"or a manifest for existing shards with `massl-shard index`")
-        self.counts = shard_counts(self.urls, read_manifest(manifest_path), manifest_path)
+        self.counts = shard_counts(self.urls, read_shard_manifest(manifest_path), manifest_path)
         total = d.samples_per_epoch or sum(self.counts)
         if sum(self.counts) == 0:
             raise ValueError(f"data.urls: the {len(self.urls)} shard(s) hold no samples")

@@ -1,31 +1,44 @@
-"""Engines: how student and teacher are parallelised. `build_engine` picks one by `engine.name`."""
+"""Engines: how student and teacher are parallelised (base.py: the interface and its contracts).
+
+Each engine is imported only when a run asks for it, and registers the reader of its checkpoint
+format, with which the tools read a teacher without a process group.
+"""
 from __future__ import annotations
 
-from ..checkpoint import read_manifest
-from ..config import Config
-from ..dist import DistEnv
+import importlib
+
 from .base import Engine
-from .ddp import DDPEngine
-from .fsdp import FSDPEngine
 
-ENGINES = {cls.name: cls for cls in (Engine, DDPEngine, FSDPEngine)}
-# checkpoint format (manifest "format") -> engine class that can read it
-FORMATS = {cls.checkpoint_format: cls for cls in (Engine, FSDPEngine)}
-
-
-def build_engine(cfg: Config, env: DistEnv, student, teacher) -> Engine:
-    name = cfg.engine.name
-    if name not in ENGINES:
-        raise NotImplementedError(f"engine.name={name!r} is not available yet; use one of {', '.join(ENGINES)}")
-    return ENGINES[name](cfg, env, student, teacher)
-
-
-def load_teacher_state_dict(checkpoint_dir: str) -> dict:
-    """Full teacher (backbone + head) state dict from any engine's checkpoint, on the CPU."""
-    fmt = read_manifest(checkpoint_dir).get("format", "torch")
-    if fmt not in FORMATS:
-        raise ValueError(f"checkpoint {checkpoint_dir} has unknown format {fmt!r}")
-    return FORMATS[fmt].read_teacher_state_dict(checkpoint_dir)
+# engine.name -> "module:class"
+ENGINES = {
+    "single": "massl.engines.torch_optim:SingleEngine",
+    "ddp": "massl.engines.ddp:DDPEngine",
+    "fsdp": "massl.engines.fsdp:FSDPEngine",
+}
+# checkpoint format (manifest "format") -> "module:function" reading the full teacher state dict
+# from the engine's checkpoint directory, on the CPU
+TEACHER_READERS = {
+    "torch": "massl.engines.torch_optim:read_teacher_state_dict",
+    "dcp": "massl.engines.dcp_io:read_teacher_state_dict",
+}
 
 
-__all__ = ["Engine", "DDPEngine", "FSDPEngine", "build_engine", "load_teacher_state_dict"]
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_engine(cfg, env, student, teacher) -> Engine:
+    if cfg.engine.name not in ENGINES:
+        raise ValueError(f"engine.name: {cfg.engine.name!r} is not available; use one of {', '.join(ENGINES)}")
+    return _load(ENGINES[cfg.engine.name])(cfg, env, student, teacher)
+
+
+def read_teacher_state_dict(checkpoint_format: str, directory: str) -> dict:
+    if checkpoint_format not in TEACHER_READERS:
+        raise ValueError(f"checkpoint {directory}: unknown format {checkpoint_format!r}; this version of massl reads "
+                         f"{', '.join(TEACHER_READERS)}")
+    return _load(TEACHER_READERS[checkpoint_format])(directory)
+
+
+__all__ = ["Engine", "ENGINES", "build_engine", "read_teacher_state_dict"]

@@ -2,17 +2,19 @@
 
 The teacher stays a plain module: it is never trained by gradients, and the EMA keeps every
 replica identical because every rank applies it to the same averaged student. BatchNorm in the
-heads is synchronised (wrapping.py), so its buffers stay identical too. Checkpoints are the single engine's format, written by the main rank.
+heads is synchronised (wrapping.py), so its buffers stay identical too. Checkpoints are the
+template's `torch` format, written by the main rank.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import Engine, process_group
+from ..dist import process_group
+from .torch_optim import TorchOptimizerEngine
 
 
-class DDPEngine(Engine):
+class DDPEngine(TorchOptimizerEngine):
     name = "ddp"
 
     def parallelize(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -4,7 +4,7 @@ Each transformer block is its own FSDP unit and the root holds the rest (embeddi
 head). Parameters are DTensors sharded on dim 0 over a 1-D mesh of all ranks; the optimiser,
 gradient clipping and the teacher EMA work on the local shards only, so no rank ever holds a
 full copy outside a block's forward. Checkpoints go through torch.distributed.checkpoint
-(dcp_io.py) and load at any world size.
+(dcp_io.py, format `dcp`) and load at any world size.
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
+from ..dist import process_group
 from . import dcp_io
-from .base import DTYPES, Engine, process_group
+from .base import DTYPES
+from .torch_optim import TorchOptimizerEngine
 
 
 def _reshard(module, args, output):
@@ -45,7 +47,7 @@ def local_shards(tensors) -> list[torch.Tensor]:
     return out
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TorchOptimizerEngine):
     name = "fsdp"
     checkpoint_format = dcp_io.FORMAT
 
@@ -85,21 +87,15 @@ class FSDPEngine(Engine):
         # The mixed-precision policy casts parameters and inputs; autocast on top would re-cast per op.
         return contextlib.nullcontext()
 
-    def student_params(self) -> list[torch.Tensor]:
-        return local_shards(self.student.parameters())
-
-    def teacher_params(self) -> list[torch.Tensor]:
-        return local_shards(self.teacher.parameters())
+    def local_tensors(self, model: nn.Module) -> list[torch.Tensor]:
+        # the teacher is sharded exactly like the student: shard i of one pairs with shard i of the other
+        return local_shards(model.parameters())
 
     def local_grads(self) -> list[torch.Tensor]:
         return local_shards(p.grad for p in self.student.parameters() if p.grad is not None)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    read_teacher_state_dict = staticmethod(dcp_io.read_teacher_state_dict)
+    def save(self, directory: str) -> None:
+        dcp_io.save(self, directory)
 
-    def save(self, directory: str, memory, trainer_state: dict) -> None:
-        dcp_io.save(self, directory, memory, trainer_state)
-
-    def load(self, directory: str, memory) -> dict:
-        self.check_format(directory)
-        return dcp_io.load(self, directory, memory)
+    def load(self, directory: str) -> None:
+        dcp_io.load(self, directory)

@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import pickle
-import sys
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..logging import log
 from .extract import Features
 
 CACHE_VERSION = 1
@@ -50,7 +50,7 @@ def load_cached(path: str) -> Optional[Features]:
         d = torch.load(path, weights_only=True)
         return Features(d["feats"], d["labels"], d["index"], list(d["classes"]), [tuple(s) for s in d["skipped"]])
     except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
-        print(f"massl eval: ignoring unreadable feature cache {path} ({type(e).__name__}: {e})", file=sys.stderr)
+        log.warning(f"massl eval: ignoring unreadable feature cache {path} ({type(e).__name__}: {e})")
         return None
 
 

@@ -9,7 +9,6 @@ short of a batch runs one on a blank image), which a sharded (FSDP) backbone nee
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -17,9 +16,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torchvision.transforms as T
 
 from ..dist import gather_rows_to_main, world_of
+from ..logging import log
 from ..signals import ignore_stop_signals
+
+
+def eval_transform(mean, std, size: int, crop_ratio: float = 0.875):
+    """PIL RGB image -> normalised float tensor: bicubic resize of the short side to size/crop_ratio,
+    centre crop of size x size (DINO's evaluation transform; crop_ratio 1 keeps the whole image)."""
+    return T.Compose([T.Resize(int(round(size / crop_ratio)), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 
 @dataclass(frozen=True)
@@ -129,13 +137,12 @@ def extract_features(backbone: nn.Module, data, transform, image_size: int, batc
         index.append(idx[ok])
         skipped += failed
         for i, name, reason in failed:
-            print(f"massl eval: skipping image {name}: {reason}", file=sys.stderr, flush=True)
+            log.warning(f"massl eval: skipping image {name}: {reason}")
         done += len(idx)
         if progress and rank == 0 and len(feats) % 20 == 0:
             rate = done / (time.perf_counter() - t0)
             total = sum(hi - lo for lo, hi in ranges)
-            print(f"  features: {done}/{total} on rank 0 ({rate:.0f} img/s, eta {(total - done) / rate:.0f} s)",
-                  flush=True)
+            log.info(f"  features: {done}/{total} on rank 0 ({rate:.0f} img/s, eta {(total - done) / rate:.0f} s)")
     for _ in range(len(batch_ranges(len(data), batch_size, 0, world)) - len(ranges)):  # the collective count
         feats.append(forward(torch.zeros(1, 3, image_size, image_size))[:0].cpu())
     feats, labels, index = (gather_rows_to_main(torch.cat(t) if t else torch.zeros(0, dtype=torch.long), group)

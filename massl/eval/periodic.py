@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError
-from .extract import align_labels, extract_features
-from .features import eval_transform
+from .extract import align_labels, eval_transform, extract_features
 from .inputs import open_input
 from .knn import knn_classify
 

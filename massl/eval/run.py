@@ -8,11 +8,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import read_manifest
+from ..checkpoint.manager import read_checkpoint_manifest
+from ..checkpoint.reader import load_teacher_backbone, resolve_checkpoint
 from ..dist import init_distributed
+from ..logging import setup_logging
 from .cache import cache_key, cache_path, load_cached, save_cached, weights_digest
-from .extract import FeatureSpec, Features, align_labels, extract_features
-from .features import eval_transform, load_backbone, resolve_checkpoint
+from .extract import FeatureSpec, Features, align_labels, eval_transform, extract_features
 from .inputs import open_input
 from .knn import knn_classify
 from .linear import linear_probe_accuracy, sgd_probe_accuracy
@@ -64,7 +65,8 @@ def evaluate(a: argparse.Namespace) -> dict | None:
         torch.set_num_threads(a.threads)
     ckpt_dir = os.path.abspath(resolve_checkpoint(a.checkpoint))
     env = init_distributed(a.device)
-    backbone, cfg = load_backbone(ckpt_dir, random_init=a.random_init, seed=a.seed)
+    setup_logging(env.rank)
+    backbone, cfg = load_teacher_backbone(ckpt_dir, random_init=a.random_init, seed=a.seed)
     patch, depth = cfg.model.patch_size, len(backbone.blocks)
     size = a.image_size or cfg.data.global_crop_size
     if size % patch:
@@ -84,7 +86,7 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     skipped = train.skipped + val.skipped
     return {
         "protocol": a.cmd, "weights": "random-init" if a.random_init else "teacher", "checkpoint": ckpt_dir,
-        "step": read_manifest(ckpt_dir).get("step"), "train": a.train, "val": a.val,
+        "step": read_checkpoint_manifest(ckpt_dir).get("step"), "train": a.train, "val": a.val,
         "n_train": len(train.labels), "n_val": len(val.labels), "num_classes": len(train.classes),
         "skipped_train": len(train.skipped), "skipped_val": len(val.skipped),
         "skipped_images": [{"name": name, "reason": why} for _, name, why in skipped[:SKIPPED_NAMED]],

@@ -1,11 +1,17 @@
-"""A one-line progress bar with rate and ETA on stderr (redrawn in place on a terminal,
-a plain line every 10 s otherwise, e.g. in a Slurm log)."""
+"""Progress of long work: a one-line bar with rate and ETA on stderr (redrawn in place on a
+terminal, a plain line every 10 s otherwise, e.g. in a Slurm log), and the duration format of
+every ETA massl prints. No torch here: the sharding tool's processes import it."""
 from __future__ import annotations
 
 import sys
 import time
 
-from massl.logging import format_duration
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class Progress:

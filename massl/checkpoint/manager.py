@@ -1,28 +1,35 @@
-"""Atomic checkpoints: keep-N, find the newest complete one, never trust a partial write.
+"""Atomic checkpoints of named parts: keep-N, find the newest complete one, never trust a partial write.
 
 Layout under <output_dir>/checkpoints/:
-    step_000001000/          one checkpoint: the engine's files + manifest.json (written last)
+    step_000001000/          one checkpoint: manifest.json (written last) and one folder per part,
+        engine/              written by its owner: the engine (models, optimiser, loss scaler),
+        memory/              the memory bank, and the loop's trainer state (step, RNG states)
+        trainer/
     .tmp-step_000001000/     a checkpoint being written (ignored, removed on the next save)
     latest                   text file naming the newest complete checkpoint, replaced atomically
 
-A checkpoint counts only if its directory was renamed from the temporary name (after every rank
-finished writing and the files were fsynced) and every file listed in its manifest has the
-recorded size. Anything else is skipped with a warning in favour of an older one.
+A part is any object with `save(directory)` and `load(directory)`, both collective. A checkpoint
+counts only if its directory was renamed from the temporary name (after every rank finished
+writing and the files were fsynced) and every file listed in its manifest has the recorded
+size. Anything else is skipped with a warning in favour of an older one. Checkpoints written
+before the parts had their own folders (manifest without "version") load through legacy.py.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import warnings
-from typing import Callable, Optional
+from typing import Optional
 
-from .dist import barrier
-from .fileio import fsync_path, write_json_atomic, write_text_atomic
+from ..dist import barrier
+from ..fileio import fsync_path, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
+VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
+log = logging.getLogger("massl")
 
 
 def _listing(directory: str) -> dict[str, int]:
@@ -36,12 +43,15 @@ def _listing(directory: str) -> dict[str, int]:
     return files
 
 
+def read_checkpoint_manifest(directory: str) -> dict:
+    with open(os.path.join(directory, MANIFEST)) as f:
+        return json.load(f)
+
+
 def is_complete(directory: str) -> tuple[bool, str]:
     """(ok, reason): the manifest exists and every listed file has its recorded size."""
-    path = os.path.join(directory, MANIFEST)
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = read_checkpoint_manifest(directory)
     except (OSError, ValueError) as e:
         return False, f"no readable {MANIFEST} ({e.__class__.__name__})"
     for rel, size in manifest.get("files", {}).items():
@@ -51,11 +61,6 @@ def is_complete(directory: str) -> tuple[bool, str]:
         if os.path.getsize(full) != size:
             return False, f"{rel} has {os.path.getsize(full)} bytes, manifest says {size}"
     return True, ""
-
-
-def read_manifest(directory: str) -> dict:
-    with open(os.path.join(directory, MANIFEST)) as f:
-        return json.load(f)
 
 
 class CheckpointManager:
@@ -81,11 +86,11 @@ class CheckpointManager:
             ok, reason = is_complete(path)
             if ok:
                 return path
-            warnings.warn(f"checkpoint {path} is incomplete ({reason}); falling back to an older one")
+            log.warning(f"warning: checkpoint {path} is incomplete ({reason}); falling back to an older one")
         return None
 
-    def save(self, step: int, write: Callable[[str], None], meta: dict) -> str:
-        """Collective: every rank calls `write(tmp_dir)`; rank 0 seals, renames and prunes."""
+    def save(self, step: int, parts: dict, meta: dict) -> str:
+        """Collective: every rank calls each part's `save(tmp_dir/<name>)`; rank 0 seals, renames and prunes."""
         name = f"step_{step:09d}"
         tmp, final = os.path.join(self.root, ".tmp-" + name), os.path.join(self.root, name)
         if self.is_main:
@@ -94,15 +99,18 @@ class CheckpointManager:
                     shutil.rmtree(os.path.join(self.root, stale), ignore_errors=True)
             if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
-            os.makedirs(tmp)
+            for part in parts:
+                os.makedirs(os.path.join(tmp, part))
         barrier(self.group)
-        write(tmp)
+        for part_name, part in parts.items():
+            part.save(os.path.join(tmp, part_name))
         barrier(self.group)
         if self.is_main:
             files = _listing(tmp)
             for rel in files:
                 fsync_path(os.path.join(tmp, rel))
-            write_json_atomic(os.path.join(tmp, MANIFEST), {"step": step, "files": files, **meta})
+            write_json_atomic(os.path.join(tmp, MANIFEST),
+                              {"version": VERSION, "step": step, "parts": list(parts), "files": files, **meta})
             os.rename(tmp, final)
             fsync_path(self.root)
             write_text_atomic(os.path.join(self.root, "latest"), name + "\n")
@@ -110,3 +118,15 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.group)
         return final
+
+    @staticmethod
+    def load(directory: str, parts: dict) -> None:
+        """Collective: every part reads its folder of `directory` (any checkpoint version)."""
+        manifest = read_checkpoint_manifest(directory)
+        if manifest.get("version", 1) < VERSION:
+            from .legacy import load_version_1
+
+            load_version_1(directory, manifest, parts)
+            return
+        for part_name, part in parts.items():
+            part.load(os.path.join(directory, part_name))

@@ -1,0 +1,20 @@
+"""Light imports: the sharding tool's modules (and its worker processes) load neither torch nor
+PIL nor webdataset; engines and data sources load only when a run asks for them."""
+import subprocess
+import sys
+
+
+def _modules_after(imports: str) -> set:
+    code = f"import sys; {imports}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_shard_modules_need_neither_torch_nor_pil():
+    loaded = _modules_after("import massl.data.shards, massl.data.epoch_plan, data_tools.shard")
+    assert not {"torch", "PIL", "webdataset"} & loaded
+
+
+def test_engines_and_sources_load_on_demand():
+    loaded = _modules_after("import massl.train")
+    assert not {"massl.engines.fsdp", "massl.engines.ddp", "massl.data.webdataset", "webdataset"} & loaded
