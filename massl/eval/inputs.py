@@ -17,9 +17,9 @@ from typing import Iterator, Optional
 
 from PIL import Image
 
-from ..data.folder import scan_image_folder
+from ..data.files import image_extension, scan_image_folder
 from ..data.multicrop import DECODE_ERRORS
-from ..data.shards import MANIFEST_NAME, SHARD_ERRORS, image_extension, iter_samples, open_tar, read_manifest
+from ..data.shards import MANIFEST_NAME, SHARD_ERRORS, iter_samples, open_tar, read_shard_manifest
 
 
 def open_rgb(fp) -> Image.Image:
@@ -72,7 +72,7 @@ class ShardInput:
 
     def __init__(self, path: str):
         self.manifest_path = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
-        manifest = read_manifest(self.manifest_path)
+        manifest = read_shard_manifest(self.manifest_path)
         folder = os.path.dirname(os.path.abspath(self.manifest_path))
         self.urls = [os.path.join(folder, s["name"]) for s in manifest["shards"]]
         self.counts = [int(s["samples"]) for s in manifest["shards"]]
