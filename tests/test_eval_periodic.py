@@ -4,7 +4,7 @@ FSDP ranks (each extracting a disjoint part with its sharded teacher)."""
 import json
 import os
 
-import pytest
+import torch
 
 from massl.config import config_from_dict
 from massl.eval.cli import main as eval_main
@@ -48,12 +48,16 @@ def assert_equals_massl_eval(run: str, evals: dict, digits_dir: str, tmp_path, c
 def test_periodic_knn_keeps_the_trajectory_and_equals_massl_eval(tiny_config, digits_dir, tmp_path, capsys):
     from massl.train import train
 
-    base = [f"run.max_steps={STEPS}", "run.checkpoint_every=2", "run.keep_last=5"]
+    # drop path draws from the global RNG at every step: a draw by the evaluation would show in the losses
+    base = [f"run.max_steps={STEPS}", "run.checkpoint_every=2", "run.keep_last=5", "model.drop_path=0.2"]
     train(tiny_config(*base, output_dir=str(tmp_path / "plain")))
     train(tiny_config(*base, *eval_overrides(digits_dir), output_dir=str(tmp_path / "eval")))
     plain, _ = records(str(tmp_path / "plain"))
     with_eval, evals = records(str(tmp_path / "eval"))
     assert with_eval == plain and len(plain) == STEPS  # bitwise the same losses at every step
+    rng = [torch.load(os.path.join(tmp_path, name, "checkpoints", f"step_{STEPS:09d}", "trainer", "state.pt"),
+                      weights_only=True)["rng"][0]["cpu"] for name in ("plain", "eval")]
+    assert torch.equal(*rng)  # and the same RNG state after an evaluation (step 2)
     assert sorted(evals) == [2, 4] and evals[4]["eval/knn_top1"] > 0.2  # 10 classes: better than chance
     assert_equals_massl_eval(str(tmp_path / "eval"), evals, digits_dir, tmp_path, capsys)
 

@@ -9,8 +9,6 @@ checkpoint of the same step with the same settings (--k, --temperature, --crop-r
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
 
@@ -49,8 +47,8 @@ class PeriodicKNN:
     def __call__(self, backbone: nn.Module) -> dict:
         """Collective: every rank calls it with its teacher backbone. Returns the metrics on the
         main rank ({} on the others): knn_top1/knn_top5 at the first eval.k, knn_top1_k<k> and
-        knn_top5_k<k> at the others, knn_skipped_images, knn_seconds."""
-        t0, was_training = time.perf_counter(), backbone.training
+        knn_top5_k<k> at the others, knn_skipped_images."""
+        was_training = backbone.training
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         backbone.eval()
         try:
@@ -71,5 +69,4 @@ class PeriodicKNN:
             suffix = "" if i == 0 else f"_k{r['k']}"
             metrics[f"knn_top1{suffix}"], metrics[f"knn_top5{suffix}"] = r["top1"], r["top5"]
         metrics["knn_skipped_images"] = len(train.skipped) + len(val.skipped)
-        metrics["knn_seconds"] = time.perf_counter() - t0
         return metrics
