@@ -13,10 +13,10 @@ from tests.distributed import run_ranks
 K, STEPS = [5, 20], 4
 
 
-def eval_overrides(digits_dir: str) -> list[str]:
+def eval_overrides(digits_dir: str, workers: int) -> list[str]:
     return ["eval.every_steps=2", f"eval.train={os.path.join(digits_dir, 'train')}",
             f"eval.val={os.path.join(digits_dir, 'val')}", f"eval.k={K}", "eval.crop_ratio=1.0",
-            "eval.batch_size=200", "eval.num_workers=2"]
+            "eval.batch_size=200", f"eval.num_workers={workers}"]
 
 
 def records(run: str) -> tuple[list, dict]:
@@ -51,7 +51,7 @@ def test_periodic_knn_keeps_the_trajectory_and_equals_massl_eval(tiny_config, di
     # drop path draws from the global RNG at every step: a draw by the evaluation would show in the losses
     base = [f"run.max_steps={STEPS}", "run.checkpoint_every=2", "run.keep_last=5", "model.drop_path=0.2"]
     train(tiny_config(*base, output_dir=str(tmp_path / "plain")))
-    train(tiny_config(*base, *eval_overrides(digits_dir), output_dir=str(tmp_path / "eval")))
+    train(tiny_config(*base, *eval_overrides(digits_dir, 2), output_dir=str(tmp_path / "eval")))
     plain, _ = records(str(tmp_path / "plain"))
     with_eval, evals = records(str(tmp_path / "eval"))
     assert with_eval == plain and len(plain) == STEPS  # bitwise the same losses at every step
@@ -70,7 +70,8 @@ def _train(rank, world, cfg_dict):
 
 def test_periodic_knn_on_two_fsdp_ranks_equals_massl_eval(tiny_config, digits_dir, tmp_path, capsys):
     run = str(tmp_path / "fsdp")
-    cfg = tiny_config("engine.name=fsdp", "run.max_steps=2", "run.checkpoint_every=2", *eval_overrides(digits_dir),
+    # no loader workers here: forked from these spawned ranks, they took 20 s to start (not so under torchrun)
+    cfg = tiny_config("engine.name=fsdp", "run.max_steps=2", "run.checkpoint_every=2", *eval_overrides(digits_dir, 0),
                       output_dir=run)
     run_ranks(_train, 2, cfg.to_dict())
     _, evals = records(run)
