@@ -24,7 +24,7 @@ def test_knn_matches_brute_force_for_every_k():
     train_x, train_y = clustered(90, 6, 8, 0, spread=3.0)
     test_x, test_y = clustered(37, 6, 8, 1, spread=3.0)
     ks, T = [1, 3, 10, 20, 200], 0.1
-    got = knn_classify(train_x, train_y, test_x, test_y, ks, T, num_classes=6, chunk=8)
+    got = knn_classify(train_x, train_y, test_x, test_y, ks, T, num_classes=6, chunk_elements=8 * 90)
     a = train_x.double() / train_x.double().norm(dim=1, keepdim=True)
     q = test_x.double() / test_x.double().norm(dim=1, keepdim=True)
     for k, result in zip(ks, got):

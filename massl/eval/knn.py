@@ -13,9 +13,11 @@ DEFAULT_KS = (10, 20, 100, 200)
 
 @torch.no_grad()
 def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=DEFAULT_KS, temperature: float = 0.07,
-                 num_classes: int | None = None, chunk: int = 1024) -> list[dict]:
+                 num_classes: int | None = None, chunk_elements: int = 1 << 26) -> list[dict]:
     """Top-1 / top-5 accuracy for each k (capped at the training set size), one dict per k; top-5
-    counts only classes that received votes. Features are L2-normalised here."""
+    counts only classes that received votes. Features are L2-normalised here. `chunk_elements`
+    bounds the similarities held at once (test rows x train rows)."""
+    chunk = max(1, min(1024, chunk_elements // max(1, train_feats.shape[0])))
     num_classes = num_classes or int(train_labels.max()) + 1
     train_feats, test_feats = F.normalize(train_feats.float(), dim=-1), F.normalize(test_feats.float(), dim=-1)
     ks = [min(k, train_feats.shape[0]) for k in ks]

@@ -62,8 +62,9 @@ class PeriodicKNN:
             return {}
         train, val = feats
         align_labels(train.classes, val)
-        results = knn_classify(train.feats, train.labels, val.feats, val.labels, self.e.k, self.e.temperature,
-                               len(train.classes))
+        # on the device: the other ranks wait in their next collective meanwhile
+        x, y, vx, vy = (t.to(self.env.device) for t in (train.feats, train.labels, val.feats, val.labels))
+        results = knn_classify(x, y, vx, vy, self.e.k, self.e.temperature, len(train.classes))
         metrics = {}
         for i, r in enumerate(results):
             suffix = "" if i == 0 else f"_k{r['k']}"
