@@ -21,7 +21,7 @@ fi
   2>&1 | tee "$OUT/machine.txt"
 PARTS=${1:-all}
 part() { [ "$PARTS" = all ] || [ "$PARTS" = "$1" ]; }
-part tests && timeout 150 python3 -m pytest -q tests/test_gpu.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log"
+part tests && timeout 180 python3 -m pytest -q tests/test_gpu.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log"
 part step && timeout 240 python3 benchmarks/bench_step.py --steps 8 --warmup 3 --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log"
 part memory && timeout 90 python3 benchmarks/bench_memory.py --device cuda --out "$OUT/bench_memory_cuda.json" 2>&1 | tee "$OUT/bench_memory.log"
 # CPU rows (no OpenCV there: no (b)), the device cost of gpu_augment and device decode, loader + device images/s

@@ -137,6 +137,21 @@ class EngineConfig:
 
 
 @dataclass
+class EvalConfig:
+    """k-NN of the teacher during training (docs/eval.md, "During training")."""
+
+    every_epochs: int = 0  # evaluate after every this many epochs (0: never)
+    every_steps: int = 0  # and/or after every this many steps (0: never)
+    train: str = ""  # labelled image folder or massl-shard shards: the k-NN reference set
+    val: str = ""  # labelled image folder or massl-shard shards: the evaluated set
+    k: list = field(default_factory=lambda: [20])
+    temperature: float = 0.07
+    crop_ratio: float = 0.875  # resize to global_crop_size / crop_ratio, centre crop
+    batch_size: int = 256  # images per forward pass
+    num_workers: int = 2  # image loading processes per rank, alive only during an evaluation
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -145,6 +160,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -406,6 +422,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
     _require(not (r.precision == "fp16" and device_type == "cpu"), "run.precision",
              "fp16 needs a CUDA device (it uses a loss scaler); use fp32 (fastest on a CPU) or bf16")
     _check_no_effect(cfg, warn=world_size is not None)
+    _validate_eval(cfg.eval, check_paths)
 
     if world_size is not None:
         g = world_size * d.batch_size
@@ -448,7 +465,9 @@ def _check_no_effect(cfg: Config, warn: bool) -> None:
         ("data.local_crop_size", d.local_crops_number > 0, "data.local_crops_number is 0"),
         ("data.local_crops_scale", d.local_crops_number > 0, "data.local_crops_number is 0"),
         ("data.aug.blur_prob_local", d.local_crops_number > 0, "data.local_crops_number is 0"),
-    ]
+    ] + [(f"eval.{k}", cfg.eval.every_epochs > 0 or cfg.eval.every_steps > 0,
+          "eval.every_epochs and eval.every_steps are 0")
+         for k in ("train", "val", "k", "temperature", "crop_ratio", "batch_size", "num_workers")]
     for key, has_effect, why in errors:
         _require(has_effect or _get(cfg, key) == _get(DEFAULTS, key), key,
                  f"is set ({_get(cfg, key)!r}) but has no effect: {why}; remove it")
@@ -456,3 +475,19 @@ def _check_no_effect(cfg: Config, warn: bool) -> None:
         for key, has_effect, why in warnings_:
             if not has_effect and _get(cfg, key) != _get(DEFAULTS, key):
                 logging.getLogger("massl").warning(f"warning: {key} is set ({_get(cfg, key)!r}) but has no effect: {why}")
+
+
+def _validate_eval(e: EvalConfig, check_paths: bool) -> None:
+    for key in ("every_epochs", "every_steps", "num_workers"):
+        _require(getattr(e, key) >= 0, "eval." + key, f"must be >= 0, got {getattr(e, key)}")
+    _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    _require(len(e.k) >= 1 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in e.k),
+             "eval.k", f"must be a list of integers >= 1, e.g. [20], got {e.k}")
+    _require(e.temperature > 0, "eval.temperature", f"must be > 0, got {e.temperature}")
+    _require(0 < e.crop_ratio <= 1, "eval.crop_ratio", f"must be in (0, 1], got {e.crop_ratio}")
+    if e.every_epochs or e.every_steps:
+        for key in ("train", "val"):
+            path = getattr(e, key)
+            _require(bool(path), "eval." + key, "is required when eval.every_epochs or eval.every_steps is set")
+            _require(not check_paths or os.path.exists(path), "eval." + key,
+                     f"{path!r} does not exist (a labelled image folder or massl-shard shards)")

@@ -102,6 +102,34 @@ def gather_rows(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Te
     return out
 
 
+def gather_rows_to_main(x: torch.Tensor, group: Optional[dist.ProcessGroup],
+                        chunk_rows: int = 1 << 16) -> Optional[torch.Tensor]:
+    """Every rank's rows, concatenated in rank order, on group rank 0 (None elsewhere); ranks may
+    hold different numbers of rows. Padding exists only in transport, in chunks of `chunk_rows`
+    rows so that a large feature matrix never sits on the device whole (NCCL sends from CUDA)."""
+    rank, world = world_of(group)
+    if world == 1:
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else x.device
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=device), group=group)
+    counts = [int(c.item()) for c in counts]
+    parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    for start in range(0, max(counts), chunk_rows):
+        rows = min(chunk_rows, max(counts) - start)
+        piece = x.new_zeros((rows,) + tuple(x.shape[1:]), device=device)
+        mine = x[start:start + rows]
+        piece[:mine.shape[0]] = mine.to(device)
+        received = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
+        dist.gather(piece, received, group_dst=0, group=group)
+        if rank == 0:
+            for r in range(world):
+                parts[r].append(received[r][:max(0, min(rows, counts[r] - start))].to(x.device))
+    if rank != 0:
+        return None
+    return torch.cat([p for r in range(world) for p in parts[r]] or [x[:0]])
+
+
 class _GatherRowsWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums every rank's gradient for our rows.
 

@@ -110,6 +110,21 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{k}", v, step)
             self.writer.flush()  # a SIGKILL loses at most the record being written
 
+    def log_eval(self, step: int, epoch: int, metrics: dict, seconds: float) -> None:
+        """Evaluation metrics (plain floats; {} on ranks other than the main one): a line, a
+        metrics.jsonl record with keys `eval/<name>`, TensorBoard scalars `eval/<name>`. The
+        evaluation's `seconds` are left out of the next training throughput."""
+        self.t0 += seconds
+        if not self.enabled:
+            return
+        metrics = {f"eval/{k}": v for k, v in {**metrics, "seconds": seconds}.items()}
+        log.info(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()))
+        self.jsonl.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

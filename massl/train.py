@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from .config import Config, ConfigError, validate
 from .data import build_data
 from .dist import DistEnv, all_reduce_, barrier, init_distributed, world_of
 from .engines import Engine, build_engine
+from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
 from .logging import MetricsLogger, log, peak_memory_gib, setup_logging
 from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
@@ -189,6 +191,14 @@ def save_checkpoint(run: Run, window: StepWindow, step: int) -> None:
         "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict()})
 
 
+def evaluate_knn(run: Run, knn: PeriodicKNN, logger: MetricsLogger, step: int) -> None:
+    """Collective: the k-NN of the teacher after `step` (eval section of the config), logged."""
+    start = time.perf_counter()
+    with torch.no_grad(), run.engine.teacher_backbone() as backbone:
+        metrics = knn(backbone)
+    logger.log_eval(step, (step - 1) // run.data.iters_per_epoch, metrics, time.perf_counter() - start)
+
+
 def prepare_process(cfg: Config, env: DistEnv) -> None:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -204,6 +214,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     setup_logging(env.rank, cfg.run.log_all_ranks)
     validate(cfg, env.world_size, device_type=env.device.type)
     prepare_process(cfg, env)
+    knn = PeriodicKNN(cfg, env)  # opens the evaluation inputs: a bad one fails before any work
     run = build_run(cfg, env)
     resumed_from = resume(run)
     if env.is_main:  # only once the run starts: a refused resume leaves the run's config.yaml alone
@@ -233,6 +244,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                     summary["stopped_by_signal"] = True
                 if step % cfg.run.checkpoint_every == 0 or step == stop:  # always at the last step
                     save_checkpoint(run, window, step)
+                if knn.due(step, ipe):
+                    evaluate_knn(run, knn, logger, step)
                 if step >= stop:
                     break
     finally:

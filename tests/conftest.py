@@ -37,3 +37,13 @@ def tiny_config(digits_dir, tmp_path):
         return load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), out) + list(extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(digits_dir, tmp_path_factory):
+    """A run directory with one checkpoint (2 steps of the tiny config), for evaluation tests."""
+    from massl.train import train
+
+    out = str(tmp_path_factory.mktemp("tiny_run"))
+    train(load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), out) + ["run.max_steps=2"]))
+    return out

@@ -10,7 +10,8 @@ import torch
 
 from massl.config import load_config
 from massl.checkpoint.reader import load_teacher_backbone
-from massl.eval.features import eval_transform, extract_features
+from massl.eval.extract import eval_transform, extract_features
+from massl.eval.inputs import open_input
 from massl.eval.knn import knn_classify
 from massl.train import train
 
@@ -19,10 +20,11 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.ya
 
 def knn_top1(checkpoint, digits_dir, random_init):
     backbone, cfg = load_teacher_backbone(checkpoint, random_init=random_init)
-    tf = eval_transform(cfg, crop_ratio=1.0)
-    train_f, train_y, _ = extract_features(backbone, os.path.join(digits_dir, "train"), tf, num_workers=0, progress=False)
-    val_f, val_y, _ = extract_features(backbone, os.path.join(digits_dir, "val"), tf, num_workers=0, progress=False)
-    return knn_classify(train_f, train_y, val_f, val_y, k=20, temperature=0.07)["top1"]
+    size = cfg.data.global_crop_size
+    tf = eval_transform(cfg.data.aug.mean, cfg.data.aug.std, size, crop_ratio=1.0)
+    train_f, val_f = (extract_features(backbone, open_input(os.path.join(digits_dir, split)), tf, size, workers=0,
+                                       progress=False) for split in ("train", "val"))
+    return knn_classify(train_f.feats, train_f.labels, val_f.feats, val_f.labels, ks=[20])[0]["top1"]
 
 
 def test_short_digits_run_learns(digits_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 The loss on the device against the float64 CPU reference, and short training runs in bf16 and
 fp16 (grad scaler) with the single and fsdp engines, whose first-step losses must agree with fp32;
-the photometric ops and data.decode=device (nvJPEG, batched crops) against the CPU device.
+the photometric ops and data.decode=device (nvJPEG, batched crops) against the CPU device;
+massl-eval on the device against the CPU.
 """
 import json
 import os
@@ -116,3 +117,20 @@ def test_device_decode_training_on_cuda(tiny_config, tmp_path):
     summary = train(tiny_config("run.device=cuda", "data.decode=device", "data.num_workers=2", f"data.path={folder}",
                                 "run.max_steps=3", output_dir=str(tmp_path / "run")))
     assert summary["step"] == 3 and summary["decode_fallback_images"] == 0 and summary["skipped_images"] == 0
+
+
+def test_eval_on_cuda_agrees_with_cpu(tiny_run, digits_dir, tmp_path):
+    """massl-eval on the device (bf16 autocast extraction, the SGD probe sweep on the GPU) gives
+    the CPU's accuracies up to the precision of bf16 features."""
+    from massl.eval.cli import main
+
+    top1 = {}
+    for device in ("cpu", "cuda"):
+        for cmd, extra in (("knn", ["--k", "20"]), ("linear", ["--solver", "sgd", "--epochs", "5"])):
+            out = str(tmp_path / f"{cmd}-{device}.json")
+            main([cmd, "--checkpoint", tiny_run, "--train", os.path.join(digits_dir, "train"), "--val",
+                  os.path.join(digits_dir, "val"), "--device", device, "--workers", "0", "--out", out, *extra])
+            result = json.load(open(out))["results"]
+            top1[cmd, device] = result[0]["top1"] if cmd == "knn" else result["top1"]
+    for cmd in ("knn", "linear"):
+        assert abs(top1[cmd, "cuda"] - top1[cmd, "cpu"]) <= 0.03, top1

@@ -14,7 +14,8 @@ from PIL import Image
 from data_tools.shard_inputs import load_checked
 from massl.config import Config, DataConfig
 from massl.data.multicrop import MultiCropAugmentation
-from massl.eval.features import eval_transform, extract_features
+from massl.eval.extract import eval_transform, extract_features
+from massl.eval.inputs import open_input
 from massl.image import to_rgb
 
 H, W = 6, 10
@@ -118,15 +119,16 @@ def test_training_evaluation_and_sharding_see_the_16bit_image(sixteen_bit):
     deep, shown = sixteen_bit
     d = DataConfig(global_crop_size=16, local_crop_size=8, local_crops_number=2)
     aug = MultiCropAugmentation(d)
-    with Image.open(deep) as a, Image.open(shown) as b:
-        crops_a, _ = aug(a, random.Random(3))
-        crops_b, _ = aug(b, random.Random(3))
+    with open(deep, "rb") as a, open(shown, "rb") as b:
+        crops_a = aug.load(a.read(), random.Random(3)).crops
+        crops_b = aug.load(b.read(), random.Random(3)).crops
     assert all((x == y).all() for x, y in zip(crops_a, crops_b))  # training
     assert float(crops_a[0].float().std()) > 10  # a gradient, not a white square
 
-    tf = eval_transform(Config(), image_size=16, crop_ratio=1.0)
-    pixels = [extract_features(torch.nn.Flatten(), os.path.dirname(os.path.dirname(p)), tf, num_workers=0,
-                               progress=False)[0] for p in (deep, shown)]
+    a = Config().data.aug
+    tf = eval_transform(a.mean, a.std, 16, crop_ratio=1.0)
+    pixels = [extract_features(torch.nn.Flatten(), open_input(os.path.dirname(os.path.dirname(p))), tf, 16,
+                               workers=0, progress=False).feats for p in (deep, shown)]
     assert torch.equal(*pixels)  # evaluation (features = the normalised input pixels)
 
     encoded = load_checked(deep, max_side=16)  # massl-shard re-encodes it

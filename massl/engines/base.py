@@ -19,6 +19,9 @@ Contracts:
   value back to the host and synchronises only through collectives of the group.
 - `update_teacher(teacher_momentum)`: teacher = m * teacher + (1 - m) * student on the fp32
   master weights, on each rank's local parameters or shards, with no host synchronisation.
+- `teacher_backbone()`: a context manager giving the teacher's backbone as a module that maps
+  images [B, 3, H, W] to features (under `torch.no_grad()`), in place, without a copy: the
+  periodic k-NN of the training loop runs it on every rank (collective for a sharded teacher).
 - `save(directory)` / `load(directory)`: collective on every rank; the engine's own state
   (models, optimiser, loss scaler) in files under `directory`, readable at another world size
   where the format allows. `checkpoint_format` names that format; `read_teacher_state_dict`
@@ -70,6 +73,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def update_teacher(self, teacher_momentum: float) -> None: ...
+
+    def teacher_backbone(self):
+        """The teacher's backbone, in place; an engine that shards the teacher overrides this."""
+        return contextlib.nullcontext(self.teacher.backbone)
 
     @abc.abstractmethod
     def teacher_state_dict(self) -> dict: ...

@@ -87,6 +87,17 @@ class FSDPEngine(TorchOptimizerEngine):
         # The mixed-precision policy casts parameters and inputs; autocast on top would re-cast per op.
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def teacher_backbone(self):
+        # Called without the root's forward, whose hooks would gather the root's own parameters
+        # (embeddings, final norm): gathered here, resharded after; each block still gathers and
+        # frees its own parameters in its forward, so at most one block is held whole.
+        self.teacher.unshard()
+        try:
+            yield self.teacher.backbone
+        finally:
+            self.teacher.reshard()
+
     def local_tensors(self, model: nn.Module) -> list[torch.Tensor]:
         # the teacher is sharded exactly like the student: shard i of one pairs with shard i of the other
         return local_shards(model.parameters())
