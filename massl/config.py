@@ -132,6 +132,7 @@ class EngineConfig:
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # every_k: checkpoint every k-th block
     compile: bool = False  # torch.compile each transformer block
+    fsdp_reshard_after_forward: bool = False  # fsdp: reshard student blocks after each forward (less memory, 2x their gathers)
 
 
 @dataclass
@@ -418,6 +419,7 @@ def _check_no_effect(cfg: Config, warn: bool) -> None:
     ]
     warnings_ = [
         ("engine.ac_every", e.activation_checkpointing == "every_k", "engine.activation_checkpointing is not every_k"),
+        ("engine.fsdp_reshard_after_forward", e.name == "fsdp", f"engine.name is {e.name}, not fsdp"),
         ("loss.koleo_scope", lo.koleo_weight > 0, "loss.koleo_weight is 0"),
         ("loss.warmup_teacher_temp", lo.warmup_teacher_temp_epochs > 0, "loss.warmup_teacher_temp_epochs is 0"),
         ("data.local_crop_size", d.local_crops_number > 0, "data.local_crops_number is 0"),
