@@ -35,6 +35,7 @@ class RunConfig:
     tensorboard: bool = True
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_last: int = 3
+    peak_tflops: float = 0.0  # peak TFLOP/s per device for MFU (0: from the device name, massl/flops.py)
 
 
 @dataclass
@@ -319,7 +320,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
                 "memory.size", "memory.partition_size", "optim.epochs", "data.batch_size",
                 "data.global_crop_size", "engine.ac_every"):
         _require(_get(cfg, key) >= 1, key, f"must be >= 1, got {_get(cfg, key)}")
-    for key in ("run.max_steps", "run.threads", "memory.chunk_rows", "data.num_workers",
+    for key in ("run.max_steps", "run.threads", "run.peak_tflops", "memory.chunk_rows", "data.num_workers",
                 "data.local_crops_number", "data.samples_per_epoch", "data.shuffle_buffer",
                 "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay",
                 "optim.weight_decay_end", "optim.clip_grad", "loss.koleo_weight",

@@ -16,6 +16,7 @@ from .config import Config, ConfigError, validate
 from .data import build_data
 from .dist import DistEnv, all_reduce_, init_distributed, world_of
 from .engines import Engine, build_engine
+from .flops import peak_flops, step_flops_per_image
 from .logging import MetricsLogger, log, peak_memory_gib, setup_logging
 from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
 from .memory import MemoryBank
@@ -175,6 +176,19 @@ def save_checkpoint(run: Run, window: StepWindow, step: int) -> None:
         "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict()})
 
 
+def model_flops(run: Run) -> tuple[float, float | None]:
+    """FLOPs per image of one step and the peak FLOP/s of all the run's devices, for MFU (massl/flops.py)."""
+    if not run.env.is_main:  # only the main rank logs metrics
+        return 0.0, None
+    cfg = run.cfg
+    flops = step_flops_per_image(cfg)
+    peak = peak_flops(run.env.device, cfg.run.peak_tflops)
+    log.info(f"massl: {flops / 1e9:.4g} GFLOP per image and step (model FLOPs); " + (
+        f"MFU against {peak / 1e12:.0f} TFLOP/s per device" if peak else
+        "no MFU: the peak of this device is unknown (set run.peak_tflops)"))
+    return flops, peak * run.env.world_size if peak else None
+
+
 def prepare_process(cfg: Config, env: DistEnv) -> None:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -199,7 +213,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     log.info(f"massl: engine {run.engine.name}, {env.world_size} rank(s) on {env.device.type}, precision "
              f"{run.engine.precision}, global batch {run.global_batch}, {ipe} steps/epoch, steps {step} -> {stop}"
              + (f", resumed from {resumed_from}" if resumed_from else ""))
-    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step)
+    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step,
+                           *model_flops(run))
     window, summary = StepWindow(env.device), {"step": step}
     stop_signal = StopOnSignal(env.device, env.group).install()
     try:
