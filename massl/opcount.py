@@ -62,11 +62,18 @@ class OpCounter(TorchDispatchMode):
         self.ops: collections.Counter = collections.Counter()
         self.host_reads: collections.Counter = collections.Counter()  # what -> count
         self.dynamic_shapes: collections.Counter = collections.Counter()
+        self.view_ops = 0  # ops that only make a view (no kernel on a GPU)
+        self.annotations = 0  # profiler ranges (record_function), no work
         self._saved = []
 
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def non_view_ops(self) -> int:
+        """Ops that may do work: the launch proxy, without views and profiler annotations."""
+        return self.total - self.view_ops - self.annotations
 
     @property
     def host_scalar_reads(self) -> int:
@@ -80,6 +87,10 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
         self.ops[name] += 1
+        if func.is_view or name == "aten._unsafe_view":
+            self.view_ops += 1
+        elif name.startswith("profiler."):
+            self.annotations += 1
         if name == "aten._local_scalar_dense":
             self.host_reads[name] += 1
         elif _is_device_to_host(name, args, kwargs):
@@ -118,6 +129,6 @@ class OpCounter(TorchDispatchMode):
             self._saved.clear()
 
     def summary(self, top: int = 12) -> dict:
-        return {"total_ops": self.total, "host_scalar_reads": self.host_scalar_reads,
+        return {"total_ops": self.total, "non_view_ops": self.non_view_ops, "host_scalar_reads": self.host_scalar_reads,
                 "dynamic_shape_ops": self.dynamic_shape_ops, "host_reads_by_kind": dict(self.host_reads),
-                "top": self.ops.most_common(top)}
+                "top": [[name, n] for name, n in self.ops.most_common(top)]}
