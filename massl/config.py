@@ -58,7 +58,7 @@ class ModelConfig:
 class MemoryConfig:
     size: int = 131072  # K, "out_dim" in the published code
     partition_size: int = 16384  # P
-    sharded: bool = True  # each rank owns size/world slots; false: full replica per rank (published)
+    sharded: str = "auto"  # true: each rank owns size/world slots; false: full replica per rank (published); auto: by massl/scaling.py
     chunk_rows: int = 0  # rows per chunk of the loss (0: all rows at once); bounds peak memory
 
 
@@ -159,6 +159,7 @@ CHOICES = {
     "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "custom"),
     "model.pooling": ("cls", "mean"),
     "model.pos_embed_interp": ("dino", "timm"),
+    "memory.sharded": ("auto", "true", "false"),
     "loss.koleo_scope": ("local", "global"),
     "optim.name": ("adamw", "sgd", "lars"),
     "optim.clip_mode": ("per_param", "global"),
@@ -389,7 +390,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         _require(mem.size % g == 0, "memory.size",
                  f"({mem.size}) must be a multiple of the global batch ({world_size} ranks x data.batch_size "
                  f"{d.batch_size} = {g}) so the FIFO ring fills evenly; change memory.size or data.batch_size")
-        if mem.sharded:
+        if mem.sharded == "true":
             _require(mem.size % world_size == 0, "memory.size",
                      f"({mem.size}) must be divisible by the world size ({world_size}) to shard the memory")
         if world_size > 1:

@@ -36,9 +36,9 @@ HPARAMS = {"lr": 1e-3, "wd": 0.04, "teacher_momentum": 0.99, "teacher_temp": 0.0
 # Every path a step can take: sharded and replicated memory, both clipping modes, KoLeo over the
 # global and the local batch, a synchronised BatchNorm head, activation checkpointing.
 VARIANTS = [
-    {"memory.sharded": True, "optim.clip_mode": "per_param", "loss.koleo_weight": 0.1, "loss.koleo_scope": "global",
+    {"memory.sharded": "true", "optim.clip_mode": "per_param", "loss.koleo_weight": 0.1, "loss.koleo_scope": "global",
      "model.head_use_bn": True},
-    {"memory.sharded": False, "optim.clip_mode": "global", "loss.koleo_weight": 0.1, "loss.koleo_scope": "local",
+    {"memory.sharded": "false", "optim.clip_mode": "global", "loss.koleo_weight": 0.1, "loss.koleo_scope": "local",
      "engine.activation_checkpointing": "full"},
 ]
 
@@ -64,7 +64,7 @@ def count_loop_step(cfg: Config, env: DistEnv, setup=None, extra=None) -> dict:
     if setup is not None:
         setup(engine)
     memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
-                        sharded=cfg.memory.sharded, seed=0, device=env.device)
+                        sharded=cfg.memory.sharded == "true", seed=0, device=env.device)
     g = torch.Generator().manual_seed(env.rank)
     sizes = [cfg.data.global_crop_size] * 2 + [cfg.data.local_crop_size] * cfg.data.local_crops_number
     crops = [torch.randn(cfg.data.batch_size, 3, s, s, generator=g).to(env.device) for s in sizes]
