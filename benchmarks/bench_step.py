@@ -81,6 +81,7 @@ def build_step(cfg: Config, device: torch.device):
 
 
 def measure(args, device: torch.device, arch: str, engine_name: str, ac: str, compile: bool) -> dict:
+    """One timing row: warm-up steps, then the timed ones (the mean)."""
     cfg = make_config(args, arch, engine_name, ac, compile)
     row = {"arch": arch, "engine": engine_name, "activation_checkpointing": ac, "compile": compile, "batch": args.batch}
     gc.collect()
@@ -243,22 +244,36 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    if args.count_ops:
-        rows = [count_published_ops(args)] + [count_ops(args, device, engine) for engine in args.engines]
-    else:
-        rows = [measure(args, device, arch, engine, ac, compile)
-                for arch, compile, engine, ac in itertools.product(args.archs, args.compile, args.engines, args.ac)]
-        add_ratios(rows)
+    rows: list[dict] = []
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+              "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",
               "memory_size": args.memory_size, "partition_size": args.partition_size, "batch": args.batch,
               "rows": rows}
     print(f"{result['device']}, torch {result['torch']}, crops {result['crops']}, K={args.memory_size}, "
-          f"P={args.partition_size}, batch {args.batch}" + (f", {args.archs[0]}, {args.precision}" if args.count_ops else ""))
+          f"P={args.partition_size}, batch {args.batch}" + (f", {args.archs[0]}, {args.precision}" if args.count_ops else ""),
+          flush=True)
+    if args.count_ops:
+        jobs = [lambda: count_published_ops(args)] + [lambda e=e: count_ops(args, device, e) for e in args.engines]
+    else:
+        jobs = [lambda s=s: measure(args, device, *s)
+                for s in itertools.product(args.archs, args.engines, args.ac, args.compile)]
+    for job in jobs:  # the file is rewritten after every row: a run cut short keeps what it measured
+        rows.append(job())
+        if not args.count_ops:
+            add_ratios(rows)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
     print(ops_table(rows) if args.count_ops else table(rows))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
     return rows
+
+
+def git_commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git where the benchmark runs (a copied tree on a GPU machine)
+        return "unknown"
+    return done.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
