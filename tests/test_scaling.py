@@ -21,12 +21,11 @@ from tests.distributed import run_ranks
 B, V, D, K, P = 2, 4, 8, 64, 16
 
 
-def _loss_steps(rank, world):
-    """One loss-path step per layout: its collectives, FLOPs and bank bytes."""
+def _loss_steps(group, rank):
+    """One loss-path step per layout on `group` (None: one process): its collectives, FLOPs, bank bytes."""
     from massl.loss import massl_loss, random_partition_perm
     from massl.memory import MemoryBank
 
-    group = torch.distributed.group.WORLD if world > 1 else None
     results = {}
     for sharded in (True, False):
         memory = MemoryBank(D, K, group=group, sharded=sharded, seed=0)
@@ -41,15 +40,25 @@ def _loss_steps(rank, world):
     return results
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_bytes_flops_and_bank_match_the_formulas(world):
-    results = run_ranks(_loss_steps, world) if world > 1 else [_loss_steps(0, 1)]
-    for rank, by_layout in enumerate(results):
-        for sharded, (calls, flops, bank) in by_layout.items():
-            shape, what = LossShape(world, B, V, D, K, P), (world, sharded, rank)
-            assert calls == collectives(shape, sharded), what
-            assert flops == loss_flops(shape, sharded), what
-            assert bank == memory_bytes(shape, sharded)["bank"], what
+def _worlds_2_and_4(rank, world):
+    """W = 4 on all the processes, W = 2 on a group of the first two."""
+    pair = torch.distributed.new_group([0, 1])
+    return {2: _loss_steps(pair, rank) if rank < 2 else None, 4: _loss_steps(torch.distributed.group.WORLD, rank)}
+
+
+def test_bytes_flops_and_bank_match_the_formulas():
+    by_world = {1: [_loss_steps(None, 0)]}
+    four = run_ranks(_worlds_2_and_4, 4)
+    by_world[2] = [r[2] for r in four[:2]]
+    by_world[4] = [r[4] for r in four]
+    for world, ranks in by_world.items():
+        shape = LossShape(world, B, V, D, K, P)
+        for rank, by_layout in enumerate(ranks):
+            for sharded, (calls, flops, bank) in by_layout.items():
+                what = (world, sharded, rank)
+                assert calls == collectives(shape, sharded), what
+                assert flops == loss_flops(shape, sharded), what
+                assert bank == memory_bytes(shape, sharded)["bank"], what
 
 
 def test_auto_shards_below_the_crossover():
