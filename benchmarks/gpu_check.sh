@@ -14,8 +14,8 @@
 # step), massl.json (massl's rows, the loss path, the merged table rows), table.md (the table,
 # also the last lines printed).
 #
-# Budget, each part under its own timeout (seconds): setup 15, tests 80, published step 195,
-# ViT-S/16 x128 55, ViT-B/16 x64 60, ViT-B/16 x64 compiled 95, loss path 30, table 5: 535.
+# Budget, each part under its own timeout (seconds): setup 15, tests 75, published step 195,
+# ViT-S/16 x128 50, ViT-B/16 x64 60, ViT-B/16 x64 compiled 115, loss path 25, table 5: 540.
 set -uo pipefail
 OUT=${OUT:-/tmp/massl_gpu_out}
 WORK=/tmp/massl_gpu_check  # per-part JSON, merged into $OUT/massl.json (at most 8 files come back)
@@ -41,23 +41,23 @@ fi
   python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
   git log -1 --format='commit %h %cd' 2>/dev/null; date; } 2>&1 | tee -a "$LOG"
 
-part 80 "CUDA tests" python3 -m pytest -q tests/test_gpu.py
+part 75 "CUDA tests" python3 -m pytest -q tests/test_gpu.py
 if [ -f .ref/bench_published_step.py ]; then
   part 195 "published step" python3 .ref/bench_published_step.py "$OUT/published.json"
 else
   echo "=== published step: .ref/bench_published_step.py missing (see this script's header)" | tee -a "$LOG"
 fi
 STEP=(python3 benchmarks/bench_step.py --steps 8 --warmup 3)
-part 55 "massl step, ViT-S/16, batch 128" "${STEP[@]}" --archs vit_small --batch 128 --engines single fsdp \
+part 50 "massl step, ViT-S/16, batch 128" "${STEP[@]}" --archs vit_small --batch 128 --engines single fsdp \
   --ac none full --out "$WORK/step_vits.json"
 part 60 "massl step, ViT-B/16, batch 64" "${STEP[@]}" --archs vit_base --batch 64 --engines single fsdp \
   --ac none full --out "$WORK/step_vitb.json"
-part 95 "massl step, ViT-B/16, batch 64, compiled blocks" "${STEP[@]}" --archs vit_base --batch 64 --engines single \
+part 115 "massl step, ViT-B/16, batch 64, compiled blocks" "${STEP[@]}" --archs vit_base --batch 64 --engines single \
   --ac none --compile on --out "$WORK/step_vitb_compiled.json"
 # DeepSpeed rows (issue 9) go here: a part writing "$WORK/step_<name>.json" with bench_step.py
 # --engines deepspeed (and its ZeRO options); every $WORK/step_*.json enters the table. Keep the
 # budget above under 9 minutes in all.
-part 30 "loss path alone, 64 images" python3 benchmarks/bench_memory.py --device cuda --batch 64 --chunk-rows 0 \
+part 25 "loss path alone, 64 images" python3 benchmarks/bench_memory.py --device cuda --batch 64 --chunk-rows 0 \
   --iters 5 --warmup 2 --out "$WORK/loss_b64.json"
 
 echo "=== table ($(date +%T))" | tee -a "$LOG"
