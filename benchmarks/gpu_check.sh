@@ -1,32 +1,79 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (the device tool): CUDA tests, then the benchmarks, results under $OUT.
-# Prepare here first: bash ../shared/gpu/fetch_wheels.sh (fills .whl/ with webdataset & co) and
-# python benchmarks/bench_data.py --write-images .bench_jpegs (the GPU image has no scikit-image;
-# nor simplejpeg: `pip download simplejpeg==1.9.0 --no-deps --only-binary=:all: --python-version 3.12
-# --platform manylinux2014_x86_64 -d .whl` adds it; OpenCV's 61 MB wheel does not fit the carry), then
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".bench_jpegs"], timeout_s=600)
-# or one part: bash benchmarks/gpu_check.sh data   (parts: tests step memory data; default all)
-# Budget: about 9 minutes for all; each part has its own timeout so a hang cannot eat the call.
+# One device call (under 9 minutes) on a GPU machine: the CUDA tests, the published MaSSL step
+# (../shared/gpu/bench_published_step.py) and massl's step side by side on the same card, the
+# loss path alone, and one table of every row's images/s and peak memory as a ratio to the
+# published step's (benchmarks/gpu_table.py). Results under $OUT.
+#
+# Prepare here, in the repository root, before the call. The device tool sends only this
+# repository (not ../shared beside it), so the published step travels in .ref/ (git-ignored):
+#   mkdir -p .ref && cp -r ../shared/gpu/bench_published_step.py ../shared/gpu/published .ref/
+#   bash ../shared/gpu/fetch_wheels.sh          # .whl/: webdataset and deepspeed for the GPU image
+# Then, with the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".ref", ".whl"], timeout_s=570)
+# What comes back under $OUT: gpu_check.log (everything printed), published.json (the published
+# step), massl.json (massl's rows, the loss path, the merged table rows), table.md (the table,
+# also the last lines printed).
+#
+# Budget, each part under its own timeout (seconds): setup 15, tests 75, published step 195,
+# ViT-S/16 x128 50, ViT-B/16 x64 60, ViT-B/16 x64 compiled 115, loss path 25, table 5: 540.
+#
+# A second call, `bash benchmarks/gpu_check.sh data` (about 4 minutes; carry .whl and
+# .bench_jpegs, written here by `python benchmarks/bench_data.py --write-images .bench_jpegs`, as
+# the GPU image has no scikit-image), measures the data path on the device (gpu_augment and
+# device decode, loader + device images/s) and the memory benchmark. simplejpeg can travel as a
+# wheel (`pip download simplejpeg==1.9.0 --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl`); OpenCV's 61 MB wheel does not fit the carry, so the
+# data benchmark skips its (b) row there.
 set -uo pipefail
 OUT=${OUT:-/tmp/massl_gpu_out}
-mkdir -p "$OUT"
+WORK=/tmp/massl_gpu_check  # per-part JSON, merged into $OUT/massl.json (at most 8 files come back)
+mkdir -p "$OUT" "$WORK"
+LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1
+
+part() {  # part SECONDS NAME COMMAND...: run under a timeout, log it, go on whatever happens
+  local limit=$1 name=$2
+  shift 2
+  echo "=== $name (limit ${limit} s, $(date +%T))" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "=== $name: exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 else
   export PYTHONPATH=$PWD
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; } \
-  2>&1 | tee "$OUT/machine.txt"
-PARTS=${1:-all}
-part() { [ "$PARTS" = all ] || [ "$PARTS" = "$1" ]; }
-part tests && timeout 180 python3 -m pytest -q tests/test_gpu.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log"
-part step && timeout 240 python3 benchmarks/bench_step.py --steps 8 --warmup 3 --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log"
-part memory && timeout 90 python3 benchmarks/bench_memory.py --device cuda --out "$OUT/bench_memory_cuda.json" 2>&1 | tee "$OUT/bench_memory.log"
-# CPU rows (no OpenCV there: no (b)), the device cost of gpu_augment and device decode, loader + device images/s
-# against the step's (bench_step.json when the step part ran)
-STEP=(); [ -f "$OUT/bench_step.json" ] && STEP=(--step-json "$OUT/bench_step.json")
-part data && timeout 150 python3 benchmarks/bench_data.py --images .bench_jpegs --device cuda --reps 3 --per-rep 21 \
-  --e2e-batches 40 "${STEP[@]}" --machine "$(head -2 "$OUT/machine.txt" | tail -1)" --out "$OUT/data_gpu.json" 2>&1 | tee "$OUT/bench_data.log"
-echo "done: $(ls "$OUT")"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+  git log -1 --format='commit %h %cd' 2>/dev/null; date; } 2>&1 | tee -a "$LOG"
+
+if [ "${1:-step}" = data ]; then
+  part 150 "data path on the device" python3 benchmarks/bench_data.py --images .bench_jpegs --device cuda --reps 3 \
+    --per-rep 21 --e2e-batches 40 --out "$OUT/data_gpu.json"
+  part 90 "memory benchmark" python3 benchmarks/bench_memory.py --device cuda --out "$OUT/bench_memory_cuda.json"
+  exit 0
+fi
+part 75 "CUDA tests" python3 -m pytest -q tests/test_gpu.py
+if [ -f .ref/bench_published_step.py ]; then
+  part 195 "published step" python3 .ref/bench_published_step.py "$OUT/published.json"
+else
+  echo "=== published step: .ref/bench_published_step.py missing (see this script's header)" | tee -a "$LOG"
+fi
+STEP=(python3 benchmarks/bench_step.py --steps 8 --warmup 3)
+part 50 "massl step, ViT-S/16, batch 128" "${STEP[@]}" --archs vit_small --batch 128 --engines single fsdp \
+  --ac none full --out "$WORK/step_vits.json"
+part 60 "massl step, ViT-B/16, batch 64" "${STEP[@]}" --archs vit_base --batch 64 --engines single fsdp \
+  --ac none full --out "$WORK/step_vitb.json"
+part 115 "massl step, ViT-B/16, batch 64, compiled blocks" "${STEP[@]}" --archs vit_base --batch 64 --engines single \
+  --ac none --compile on --out "$WORK/step_vitb_compiled.json"
+# DeepSpeed rows (issue 9) go here: a part writing "$WORK/step_<name>.json" with bench_step.py
+# --engines deepspeed (and its ZeRO options); every $WORK/step_*.json enters the table. Keep the
+# budget above under 9 minutes in all.
+part 25 "loss path alone, 64 images" python3 benchmarks/bench_memory.py --device cuda --batch 64 --chunk-rows 0 \
+  --iters 5 --warmup 2 --out "$WORK/loss_b64.json"
+
+echo "=== table ($(date +%T))" | tee -a "$LOG"
+python3 benchmarks/gpu_table.py "$OUT/published.json" "$WORK"/step_*.json --loss "$WORK"/loss_*.json \
+  --out "$OUT/massl.json" --md "$OUT/table.md" 2>&1 | tee -a "$LOG"

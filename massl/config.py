@@ -36,6 +36,7 @@ class RunConfig:
     tensorboard: bool = True
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_last: int = 3
+    peak_tflops: float = 0.0  # peak TFLOP/s per device for MFU (0: from the device name, massl/flops.py)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ModelConfig:
 class MemoryConfig:
     size: int = 131072  # K, "out_dim" in the published code
     partition_size: int = 16384  # P
-    sharded: bool = True  # each rank owns size/world slots; false: full replica per rank (published)
+    sharded: str = "auto"  # true: each rank owns size/world slots; false: full replica per rank (published); auto: by massl/scaling.py
     chunk_rows: int = 0  # rows per chunk of the loss (0: all rows at once); bounds peak memory
 
 
@@ -134,6 +135,7 @@ class EngineConfig:
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # every_k: checkpoint every k-th block
     compile: bool = False  # torch.compile each transformer block
+    fsdp_reshard_after_forward: bool = False  # fsdp: reshard student blocks after each forward (less memory, 2x their gathers)
 
 
 @dataclass
@@ -175,6 +177,7 @@ CHOICES = {
     "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "custom"),
     "model.pooling": ("cls", "mean"),
     "model.pos_embed_interp": ("dino", "timm"),
+    "memory.sharded": ("auto", "true", "false"),
     "loss.koleo_scope": ("local", "global"),
     "optim.name": ("adamw", "sgd", "lars"),
     "optim.clip_mode": ("per_param", "global"),
@@ -348,7 +351,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
                 "memory.size", "memory.partition_size", "optim.epochs", "data.batch_size",
                 "data.global_crop_size", "engine.ac_every"):
         _require(_get(cfg, key) >= 1, key, f"must be >= 1, got {_get(cfg, key)}")
-    for key in ("run.max_steps", "run.threads", "memory.chunk_rows", "data.num_workers",
+    for key in ("run.max_steps", "run.threads", "run.peak_tflops", "memory.chunk_rows", "data.num_workers",
                 "data.local_crops_number", "data.samples_per_epoch", "data.shuffle_buffer",
                 "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay",
                 "optim.weight_decay_end", "optim.clip_grad", "loss.koleo_weight",
@@ -429,7 +432,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         _require(mem.size % g == 0, "memory.size",
                  f"({mem.size}) must be a multiple of the global batch ({world_size} ranks x data.batch_size "
                  f"{d.batch_size} = {g}) so the FIFO ring fills evenly; change memory.size or data.batch_size")
-        if mem.sharded:
+        if mem.sharded == "true":
             _require(mem.size % world_size == 0, "memory.size",
                      f"({mem.size}) must be divisible by the world size ({world_size}) to shard the memory")
         if world_size > 1:
@@ -460,6 +463,7 @@ def _check_no_effect(cfg: Config, warn: bool) -> None:
     ]
     warnings_ = [
         ("engine.ac_every", e.activation_checkpointing == "every_k", "engine.activation_checkpointing is not every_k"),
+        ("engine.fsdp_reshard_after_forward", e.name == "fsdp", f"engine.name is {e.name}, not fsdp"),
         ("loss.koleo_scope", lo.koleo_weight > 0, "loss.koleo_weight is 0"),
         ("loss.warmup_teacher_temp", lo.warmup_teacher_temp_epochs > 0, "loss.warmup_teacher_temp_epochs is 0"),
         ("data.local_crop_size", d.local_crops_number > 0, "data.local_crops_number is 0"),

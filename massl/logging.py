@@ -70,8 +70,13 @@ def peak_memory_gib(device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool, total_steps: int, start_step: int):
+    """`flops_per_image` (massl.flops) and `peak_flops` (FLOP/s of all the run's devices together,
+    None when unknown) give each record its model FLOPs utilisation, `mfu`."""
+
+    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool, total_steps: int, start_step: int,
+                 flops_per_image: float = 0.0, peak_flops: float | None = None):
         self.enabled, self.total_steps = enabled, total_steps
+        self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self.writer = None
         self.jsonl = None
         self.t0, self.step0 = time.perf_counter(), start_step
@@ -93,6 +98,8 @@ class MetricsLogger:
         self.t0, self.step0 = now, step
         metrics = {**metrics, "img_per_s": images_per_step / sec_per_step, "sec_per_step": sec_per_step,
                    "eta_s": sec_per_step * (self.total_steps - step)}
+        if self.peak_flops:
+            metrics["mfu"] = self.flops_per_image * metrics["img_per_s"] / self.peak_flops
         if not self.enabled:
             return
         line = (f"step {step}/{self.total_steps} ep {epoch} loss {metrics['loss']:.4f} lr {metrics['lr']:.3g} "
@@ -100,6 +107,8 @@ class MetricsLogger:
                 f"agree {metrics.get('agree_top1', float('nan')):.3f}/{metrics.get('agree_top5', float('nan')):.3f} "
                 f"| {metrics['img_per_s']:.1f} img/s eta {format_duration(metrics['eta_s'])} "
                 f"mem {metrics['peak_mem_gib']:.2f} GiB")
+        if "mfu" in metrics:
+            line += f" mfu {metrics['mfu']:.3f}"
         if metrics.get("skipped_images"):
             line += f" skipped {int(metrics['skipped_images'])}"
         log.info(line)

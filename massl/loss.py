@@ -172,7 +172,7 @@ def massl_loss(
     if not 1 <= partition_size <= size:
         raise ValueError(f"massl_loss: partition_size {partition_size} must be in [1, K={size}]")
     dtype = torch.float64 if zs.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=zs.device.type, enabled=False):
+    with torch.autocast(device_type="cuda" if zs.is_cuda else "cpu", enabled=False):  # (or meta: FLOP counts)
         zs, zt, memory = zs.to(dtype), zt.detach().to(dtype), memory.detach().to(dtype)
         # Gather [B, V*D] rows (contiguous), then view as [V, G, D]: global batch in rank-major order.
         zs_all = gather_rows_with_grad(zs.transpose(0, 1).reshape(B, V * D), group).view(-1, V, D).transpose(0, 1)

@@ -29,6 +29,8 @@ class MemoryBank:
     def __init__(self, dim: int, size: int, group: Optional[dist.ProcessGroup] = None,
                  sharded: bool = True, seed: int = 0, device: torch.device | str = "cpu"):
         rank, world = world_of(group)
+        if not isinstance(sharded, bool):  # memory.sharded is a string setting: resolve it first (massl.scaling)
+            raise TypeError(f"MemoryBank: sharded must be a bool, got {sharded!r}")
         if sharded and size % world:
             raise ValueError(f"memory.size ({size}) must be divisible by the world size ({world}) to shard it")
         self.dim, self.size, self.group = dim, size, group

@@ -21,10 +21,12 @@ from .dist import DistEnv, all_reduce_, barrier, init_distributed, world_of
 from .engines import Engine, build_engine
 from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
+from .flops import peak_flops, step_flops_per_image
 from .logging import MetricsLogger, log, peak_memory_gib, setup_logging
 from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
 from .memory import MemoryBank
 from .models import build_student_teacher
+from .scaling import LossShape, resolve_sharded
 from .schedules import Schedules
 from .signals import StopOnSignal
 from .trainer_state import TrainerState
@@ -46,7 +48,7 @@ def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, 
     with `monitor` the agreement of method.md and the KoLeo term."""
     # Sharded memory: the loss spans the global batch. Replicated (published layout): each rank's
     # loss sees its own batch, the memory still stores every rank's keys.
-    loss_group = group if cfg.memory.sharded else None
+    loss_group = group if memory.sharded else None
     with engine.autocast():
         zs = engine.student(crops)
         with torch.no_grad():
@@ -104,8 +106,9 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     data = build_data(cfg, env.rank, env.world_size, env.device.type)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     engine = build_engine(cfg, env, *build_student_teacher(cfg))
+    sharded = resolve_sharded(cfg.memory.sharded, LossShape.of_run(cfg, env.world_size))
     memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
-                        sharded=cfg.memory.sharded, seed=cfg.run.seed, device=env.device)
+                        sharded=sharded, seed=cfg.run.seed, device=env.device)
     global_batch = cfg.data.batch_size * env.world_size
     sched = Schedules.from_config(cfg, data.iters_per_epoch, global_batch)
     stop = min(sched.total_iters, cfg.run.max_steps) if cfg.run.max_steps else sched.total_iters
@@ -199,6 +202,19 @@ def evaluate_knn(run: Run, knn: PeriodicKNN, logger: MetricsLogger, step: int) -
     logger.log_eval(step, (step - 1) // run.data.iters_per_epoch, metrics, time.perf_counter() - start)
 
 
+def model_flops(run: Run) -> tuple[float, float | None]:
+    """FLOPs per image of one step and the peak FLOP/s of all the run's devices, for MFU (massl/flops.py)."""
+    if not run.env.is_main:  # only the main rank logs metrics
+        return 0.0, None
+    cfg = run.cfg
+    flops = step_flops_per_image(cfg)
+    peak = peak_flops(run.env.device, cfg.run.peak_tflops)
+    log.info(f"massl: {flops / 1e9:.4g} GFLOP per image and step (model FLOPs); " + (
+        f"MFU against {peak / 1e12:.0f} TFLOP/s per device" if peak else
+        "no MFU: the peak of this device is unknown (set run.peak_tflops)"))
+    return flops, peak * run.env.world_size if peak else None
+
+
 def prepare_process(cfg: Config, env: DistEnv) -> None:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -221,9 +237,12 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         write_text_atomic(os.path.join(cfg.run.output_dir, "config.yaml"), cfg.to_yaml())
     step, stop, ipe = run.state.step, run.stop_step, run.data.iters_per_epoch
     log.info(f"massl: engine {run.engine.name}, {env.world_size} rank(s) on {env.device.type}, precision "
-             f"{run.engine.precision}, global batch {run.global_batch}, {ipe} steps/epoch, steps {step} -> {stop}"
+             f"{run.engine.precision}, global batch {run.global_batch}, memory "
+             f"{'sharded' if run.memory.sharded else 'replicated'} (memory.sharded={cfg.memory.sharded}), "
+             f"{ipe} steps/epoch, steps {step} -> {stop}"
              + (f", resumed from {resumed_from}" if resumed_from else ""))
-    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step)
+    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step,
+                           *model_flops(run))
     window, summary = StepWindow(env.device), {"step": step}
     stop_signal = StopOnSignal(env.device, env.group).install()
     try:

@@ -26,6 +26,7 @@ from massl.engines import build_engine
 from massl.memory import MemoryBank
 from massl.models import build_student_teacher, backbone_spec
 from massl.optim import clip_grads_
+from massl.scaling import LossShape, resolve_sharded
 from massl.train import train
 from massl.trainer_state import TrainerState
 from tests.distributed import run_ranks
@@ -50,7 +51,8 @@ def _build_and_load(cfg_dict, checkpoint):
     student, teacher = build_student_teacher(cfg)
     engine = build_engine(cfg, env, student, teacher)
     memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
-                        sharded=cfg.memory.sharded, seed=cfg.run.seed + 1, device=env.device)
+                        sharded=resolve_sharded(cfg.memory.sharded, LossShape.of_run(cfg, env.world_size)),
+                        seed=cfg.run.seed + 1, device=env.device)
     CheckpointManager.load(checkpoint, {"engine": engine, "memory": memory, "trainer": TrainerState(env, cfg.run.seed)})
     return engine, memory
 

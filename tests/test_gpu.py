@@ -1,9 +1,11 @@
 """CUDA checks, run by benchmarks/gpu_check.sh on a GPU machine (skipped where no GPU is visible).
 
-The loss on the device against the float64 CPU reference, and short training runs in bf16 and
-fp16 (grad scaler) with the single and fsdp engines, whose first-step losses must agree with fp32;
-the photometric ops and data.decode=device (nvJPEG, batched crops) against the CPU device;
-massl-eval on the device against the CPU.
+The loss on the device against the float64 CPU reference; short training runs in bf16 and fp16
+(grad scaler) with the single and fsdp engines, whose first-step losses must agree with fp32; no
+host synchronisation in a CUDA step of every engine (as tests/test_host_sync.py on the CPU); fused
+attention kernels (flash, memory-efficient or cuDNN) at both crop sizes of ViT-S/16; the
+photometric ops and data.decode=device (nvJPEG, batched crops) against the CPU device; massl-eval
+on the device against the CPU.
 """
 import json
 import os
@@ -12,9 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from massl.dist import DistEnv
 from massl.loss import massl_loss, random_partition_perm
 from massl.train import train
 from tests.reference import massl_loss_reference
+from tests.test_attention import attention_ops
+from tests.test_host_sync import VARIANTS, assert_no_host_sync, count_loop_step, tiny_config as step_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -134,3 +139,25 @@ def test_eval_on_cuda_agrees_with_cpu(tiny_run, digits_dir, tmp_path):
             top1[cmd, device] = result[0]["top1"] if cmd == "knn" else result["top1"]
     for cmd in ("knn", "linear"):
         assert abs(top1[cmd, "cuda"] - top1[cmd, "cpu"]) <= 0.03, top1
+
+
+@pytest.mark.parametrize("engine,precision", [("single", "bf16"), ("single", "fp16"), ("ddp", "bf16"),
+                                              ("fsdp", "bf16"), ("fsdp", "fp16")])
+def test_no_host_sync_in_a_cuda_step(engine, precision):
+    env = DistEnv(device=torch.device("cuda"))  # ddp and fsdp start a one-rank NCCL group
+    for variant in VARIANTS:
+        result = count_loop_step(step_config(engine, "cuda", precision, **variant), env)
+        assert_no_host_sync(result, f"{engine} {precision} {variant}")
+
+
+FUSED_KERNELS = ("aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
+                 "aten._scaled_dot_product_cudnn_attention")
+
+
+def test_fused_attention_kernels_at_both_crop_sizes():
+    """ViT-S/16 heads (dim 64) at 224 px (197 tokens) and 96 px (37 tokens), bf16."""
+    ops, depth = attention_ops("cuda", "bf16", **{"model.embed_dim": 384, "model.num_heads": 6, "model.patch_size": 16,
+                                                   "data.global_crop_size": 224, "data.local_crop_size": 96})
+    assert sum(ops.get(k, 0) for k in FUSED_KERNELS) == 3 * depth, ops
+    assert sum(ops.get(k + "_backward", 0) for k in FUSED_KERNELS) == 2 * depth, ops
+    assert not any(k in ops for k in ("aten._softmax", "aten.softmax", "aten.bmm")), ops

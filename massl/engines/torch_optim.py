@@ -41,8 +41,7 @@ class TorchOptimizerEngine(Engine):
         self.precision = resolve_precision(cfg.run.precision, env.device)
         self.student, self.teacher = wrap_models(student.to(env.device), teacher.to(env.device), cfg.engine,
                                                  env.group, self.parallelize)
-        fused = env.device.type == "cuda" and cfg.optim.name == "adamw"
-        self.optimizer = build_optimizer(cfg.optim, param_groups(self.student), fused=fused)
+        self.optimizer = build_optimizer(cfg.optim, param_groups(self.student))
         self.scaler = self.make_scaler() if self.precision == "fp16" else None
 
     # -- what subclasses choose ----------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""No host synchronisation inside a non-logging training step, for every engine.
+
+On a GPU, a value read back to the host (`.item()`, `bool(t)`, `.cpu()`, an output whose size
+depends on tensor values) stalls the CPU until the device has caught up, so the next kernels are
+launched late. The test counts, with `massl.opcount.OpCounter` (a TorchDispatchMode), what one
+step of the training loop asks of the dispatcher (`train_step` without the monitor, then the
+loop's per-step bookkeeping `StepWindow.add`) on gloo CPU processes, and requires zero
+host-scalar reads (`aten._local_scalar_dense`, device-to-host copies, `.cpu()` / `.tolist()` /
+`.numpy()`), zero ops with data-dependent output shapes and no `torch.cuda.synchronize` /
+`empty_cache`. The first step (lazy optimiser state) is not counted.
+
+The optimiser is configured as on the GPU: massl builds AdamW fused on every device
+(`massl.optim.build_optimizer`), which keeps its step counters on the device. torch's foreach or
+single-tensor AdamW reads two step counters per parameter and step instead (312 reads for a
+ViT-S/16 step; `test_counter_sees_host_reads` shows the counter reporting them).
+
+Engines: single (W=1), ddp and fsdp (W=2); add an engine here when it lands (deepspeed).
+The same check runs on CUDA in tests/test_gpu.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from massl.config import Config
+from massl.dist import DistEnv
+from massl.engines import build_engine
+from massl.memory import MemoryBank
+from massl.models import build_student_teacher
+from massl.opcount import OpCounter
+from massl.optim import build_optimizer, param_groups
+from massl.train import StepWindow, train_step
+from tests.distributed import run_ranks
+
+HPARAMS = {"lr": 1e-3, "wd": 0.04, "teacher_momentum": 0.99, "teacher_temp": 0.05}
+
+# Every path a step can take: sharded and replicated memory, both clipping modes, KoLeo over the
+# global and the local batch, a synchronised BatchNorm head, activation checkpointing.
+VARIANTS = [
+    {"memory.sharded": "true", "optim.clip_mode": "per_param", "loss.koleo_weight": 0.1, "loss.koleo_scope": "global",
+     "model.head_use_bn": True},
+    {"memory.sharded": "false", "optim.clip_mode": "global", "loss.koleo_weight": 0.1, "loss.koleo_scope": "local",
+     "engine.activation_checkpointing": "full"},
+]
+
+
+def tiny_config(engine: str, device: str = "cpu", precision: str = "fp32", **overrides) -> Config:
+    cfg = Config()
+    cfg.run.device, cfg.run.precision, cfg.engine.name = device, precision, engine
+    cfg.model.arch, cfg.model.patch_size, cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads = "custom", 8, 32, 2, 2
+    cfg.model.head_hidden_dim, cfg.model.head_bottleneck_dim = 64, 16
+    cfg.data.batch_size, cfg.data.global_crop_size, cfg.data.local_crop_size, cfg.data.local_crops_number = 4, 16, 8, 2
+    cfg.memory.size, cfg.memory.partition_size = 64, 16
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def count_loop_step(cfg: Config, env: DistEnv, setup=None, extra=None) -> dict:
+    """Build the run's engine and memory, take one step, then count the second one. `setup(engine)`
+    runs after building, `extra(out)` inside the counted step after train_step (to plant host reads)."""
+    torch.manual_seed(0)
+    engine = build_engine(cfg, env, *build_student_teacher(cfg))
+    if setup is not None:
+        setup(engine)
+    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
+                        sharded=cfg.memory.sharded == "true", seed=0, device=env.device)
+    g = torch.Generator().manual_seed(env.rank)
+    sizes = [cfg.data.global_crop_size] * 2 + [cfg.data.local_crop_size] * cfg.data.local_crops_number
+    crops = [torch.randn(cfg.data.batch_size, 3, s, s, generator=g).to(env.device) for s in sizes]
+    window = StepWindow(env.device)
+    for step in range(2):
+        with OpCounter() as counter:
+            out = train_step(engine, memory, crops, cfg, step, HPARAMS, env.group)
+            window.add(step, out, 0)
+            if extra is not None:
+                extra(out)
+    return {"loss": float(out["loss"]), **counter.summary()}
+
+
+PARALLEL_ENGINES = ("ddp", "fsdp")
+
+
+def _ranks(rank, world):
+    env = DistEnv(rank=rank, world_size=world, device=torch.device("cpu"), group=torch.distributed.group.WORLD)
+    return {(engine, i): count_loop_step(tiny_config(engine, **variant), env)
+            for engine in PARALLEL_ENGINES for i, variant in enumerate(VARIANTS)}
+
+
+def assert_no_host_sync(result: dict, what: str) -> None:
+    assert result["total_ops"] > 100, what  # the counter saw the step
+    assert result["host_scalar_reads"] == 0, (what, result["host_reads_by_kind"])
+    assert result["dynamic_shape_ops"] == 0, (what, result)
+
+
+def test_single_engine_step_has_no_host_sync():
+    for variant in VARIANTS:
+        assert_no_host_sync(count_loop_step(tiny_config("single", **variant), DistEnv()), f"single {variant}")
+
+
+def test_parallel_engines_step_has_no_host_sync():
+    """ddp and fsdp at W=2 (one set of processes for both)."""
+    for rank, results in enumerate(run_ranks(_ranks, 2)):
+        assert sorted(results) == [(e, i) for e in PARALLEL_ENGINES for i in range(len(VARIANTS))]
+        for (engine, i), result in results.items():
+            assert_no_host_sync(result, f"{engine} rank {rank} {VARIANTS[i]}")
+
+
+def test_counter_sees_host_reads():
+    """The counter fails the step when a value is read back: an `.item()` of the gradient norm
+    (what a progress line would do), or torch's foreach AdamW, which reads its step counters."""
+    planted = count_loop_step(tiny_config("single"), DistEnv(), extra=lambda out: out["grad_norm"].item())
+    assert planted["host_reads_by_kind"] == {"aten._local_scalar_dense": 1}
+
+    cfg = tiny_config("single")
+
+    def foreach_adamw(engine):
+        engine.optimizer = build_optimizer(cfg.optim, param_groups(engine.student), fused=False)
+
+    foreach = count_loop_step(cfg, DistEnv(), setup=foreach_adamw)
+    n_params = sum(1 for _ in build_student_teacher(cfg)[0].parameters())
+    assert foreach["host_reads_by_kind"] == {"aten._local_scalar_dense": 2 * n_params}
