@@ -102,6 +102,17 @@ def gather_rows(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Te
     return out
 
 
+def all_gather_into_(out: torch.Tensor, shard: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Every rank's equal-sized `shard`, rank-major, into the flat `out` (`shard` may be rank's own
+    slice of `out`, as in DeepSpeed's post-step gather); a copy in one process."""
+    if world_of(group)[1] == 1:
+        if shard.data_ptr() != out.data_ptr():
+            out.copy_(shard)
+        return out
+    _all_gather_tensor(out, shard, group=group)
+    return out
+
+
 class _GatherRowsWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums every rank's gradient for our rows.
 

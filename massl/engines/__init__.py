@@ -14,12 +14,14 @@ ENGINES = {
     "single": "massl.engines.torch_optim:SingleEngine",
     "ddp": "massl.engines.ddp:DDPEngine",
     "fsdp": "massl.engines.fsdp:FSDPEngine",
+    "deepspeed": "massl.engines.deepspeed_engine.engine:DeepSpeedEngine",
 }
 # checkpoint format (manifest "format") -> "module:function" reading the full teacher state dict
 # from the engine's checkpoint directory, on the CPU
 TEACHER_READERS = {
     "torch": "massl.engines.torch_optim:read_teacher_state_dict",
     "dcp": "massl.engines.dcp_io:read_teacher_state_dict",
+    "deepspeed": "massl.engines.deepspeed_engine.checkpoint:read_teacher_state_dict",
 }
 
 
