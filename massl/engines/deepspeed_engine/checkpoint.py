@@ -69,6 +69,11 @@ def load(engine, directory: str) -> None:
         raise ConfigError(f"engine.zero_stage: checkpoint {directory} was written with ZeRO stage "
                           f"{layout['zero_stage']}; resume with engine.zero_stage={layout['zero_stage']}")
     universal = layout["world_size"] != engine.env.world_size
+    if universal and engine.cfg.optim.name != "adamw":
+        raise ConfigError(f"run.resume: checkpoint {directory} was written by {layout['world_size']} ranks; DeepSpeed "
+                          f"converts ZeRO checkpoints for another world size with Adam's state only, and this run "
+                          f"uses optim.name={engine.cfg.optim.name}. Resume it with {layout['world_size']} ranks, or "
+                          f"train with optim.name=adamw")
     load_dir = _convert_to_universal(engine, directory) if universal else directory
     engine.ds._config.load_universal_checkpoint = universal
     try:
