@@ -55,6 +55,18 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def init_deepspeed_comm(deepspeed, device: torch.device) -> None:
+    """DeepSpeed's communication layer over our process group. On the CPU, with LOCAL_SIZE set (the
+    deepspeed launcher sets it), DeepSpeed also sets up a shared-memory all-reduce for inference,
+    whose start-up hung on the machines we test on; massl never uses it, so it is left off."""
+    local_size = os.environ.pop("LOCAL_SIZE", None) if device.type == "cpu" else None
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    finally:
+        if local_size is not None:
+            os.environ["LOCAL_SIZE"] = local_size
+
+
 class CastInputs:
     """`model(crops)` with the crops cast to the model's compute dtype (DeepSpeed's bf16/fp16 modes
     cast the weights only); attributes pass through to the model."""
@@ -80,7 +92,7 @@ class DeepSpeedEngine(Engine):
         self.dtype = DTYPES[self.precision]
         self.group = process_group(env)
         deepspeed = import_deepspeed(env.device)
-        deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
+        init_deepspeed_comm(deepspeed, env.device)
         self.config = ds_config.student_config(cfg, self.precision)
         self._deepspeed = deepspeed
         self.student_module, self.teacher_module = wrap_models(
