@@ -9,6 +9,7 @@ reference measured in the same run: the first setting of the same architecture (
 
     python benchmarks/bench_step.py                        # GPU: ViT-S/16 and ViT-B/16, single/fsdp, AC none/full
     python benchmarks/bench_step.py --archs vit_base --batch 128 --ac full
+    python benchmarks/bench_step.py --engines fsdp deepspeed --zero-stage 2 3   # DeepSpeed ZeRO-2 and ZeRO-3 rows
     python benchmarks/bench_step.py --tiny                 # seconds on a CPU: a smoke test of this script
 """
 from __future__ import annotations
@@ -37,8 +38,11 @@ HPARAMS = {"lr": 1e-4, "wd": 0.04, "teacher_momentum": 0.996, "teacher_temp": 0.
 
 
 def make_config(args, arch: str, engine: str, ac: str) -> Config:
+    """`engine`: an engine name, or `deepspeed-zero<stage>`."""
     cfg = Config()
     cfg.run.precision = args.precision
+    if engine.startswith("deepspeed-zero"):
+        engine, cfg.engine.zero_stage = "deepspeed", int(engine[len("deepspeed-zero"):])
     cfg.engine.name, cfg.engine.activation_checkpointing, cfg.engine.compile = engine, ac, args.compile
     cfg.model.arch, cfg.model.patch_size = arch, args.patch
     if args.tiny:
@@ -116,7 +120,9 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["vit_small", "vit_base"])
-    p.add_argument("--engines", nargs="+", default=["single", "fsdp"], choices=["single", "fsdp"])
+    p.add_argument("--engines", nargs="+", default=["single", "fsdp"], choices=["single", "fsdp", "deepspeed"])
+    p.add_argument("--zero-stage", nargs="+", type=int, default=[2], choices=[1, 2, 3],
+                   help="with --engines deepspeed: a row per ZeRO stage (default 2)")
     p.add_argument("--ac", nargs="+", default=["none", "full"], choices=["none", "full", "every_k"])
     p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--patch", type=int, default=16)
@@ -142,10 +148,16 @@ def parse_args(argv=None):
     return args
 
 
+def settings(args) -> list[str]:
+    """The engines to time, deepspeed expanded into `deepspeed-zero<stage>` per --zero-stage."""
+    return [e for name in args.engines
+            for e in ([f"deepspeed-zero{s}" for s in args.zero_stage] if name == "deepspeed" else [name])]
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    rows = [measure(args, device, arch, engine, ac) for arch, engine, ac in itertools.product(args.archs, args.engines, args.ac)]
+    rows = [measure(args, device, arch, engine, ac) for arch, engine, ac in itertools.product(args.archs, settings(args), args.ac)]
     add_ratios(rows)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",

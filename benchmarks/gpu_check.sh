@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): CUDA tests, then the benchmarks, results under $OUT.
-# Prepare here first: bash ../shared/gpu/fetch_wheels.sh (fills .whl/ with webdataset & co), then
+# Prepare here first: bash ../shared/gpu/fetch_wheels.sh (fills .whl/ with deepspeed, webdataset & co), then
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580)
-# Budget: about 8 minutes; each part has its own timeout so a hang cannot eat the call.
+# Budget: about 9 minutes; each part has its own timeout so a hang cannot eat the call.
 set -uo pipefail
 OUT=${OUT:-/tmp/massl_gpu_out}
 mkdir -p "$OUT"
@@ -17,5 +17,8 @@ fi
   2>&1 | tee "$OUT/machine.txt"
 timeout 120 python3 -m pytest -q tests/test_gpu.py tests/test_loss.py 2>&1 | tee "$OUT/tests.log"
 timeout 240 python3 benchmarks/bench_step.py --steps 8 --warmup 3 --out "$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log"
+# DeepSpeed ZeRO-2 and ZeRO-3 beside fsdp (the reference row), ViT-B/16 bf16, in one process one after the other
+timeout 180 python3 benchmarks/bench_step.py --archs vit_base --engines fsdp deepspeed --zero-stage 2 3 --ac none \
+  --precision bf16 --steps 8 --warmup 3 --out "$OUT/bench_step_deepspeed.json" 2>&1 | tee "$OUT/bench_step_deepspeed.log"
 timeout 90 python3 benchmarks/bench_memory.py --device cuda --out "$OUT/bench_memory_cuda.json" 2>&1 | tee "$OUT/bench_memory.log"
 echo "done: $(ls "$OUT")"

@@ -1,11 +1,15 @@
-"""Smoke test of benchmarks/bench_step.py --tiny (CPU): every setting runs and reports, and fsdp at
-world size 1 trains exactly like single (same loss after the same steps, AC on or off)."""
+"""Smoke test of benchmarks/bench_step.py --tiny (CPU): every setting runs and reports, and fsdp and
+deepspeed at world size 1 train exactly like single (same loss after the same steps, AC on or off)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
+
+import pytest
 
 import torch.distributed as dist
 
@@ -31,3 +35,18 @@ def test_bench_step_tiny(tmp_path):
         assert r["img_per_s"] > 0 and r["peak_gib"] > 0 and math.isfinite(r["loss"])
         assert abs(r["loss"] - rows[0]["loss"]) <= 1e-5 * abs(rows[0]["loss"]), r
     assert rows[0]["speed_vs_ref"] == 1.0
+
+
+def test_bench_step_tiny_deepspeed(tmp_path):
+    """ZeRO-3 in one plain process (no launcher), in a process of its own: DeepSpeed keeps global state."""
+    pytest.importorskip("deepspeed")
+    out = str(tmp_path / "bench.json")
+    done = subprocess.run([sys.executable, SCRIPT, "--tiny", "--engines", "single", "deepspeed", "--zero-stage", "3",
+                           "--ac", "none", "--out", out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:]
+    with open(out) as f:
+        rows = json.load(f)["rows"]
+    assert [r["engine"] for r in rows] == ["single", "deepspeed-zero3"]
+    assert rows[1]["img_per_s"] > 0 and rows[1]["peak_gib"] > 0
+    assert abs(rows[1]["loss"] - rows[0]["loss"]) <= 1e-5 * abs(rows[0]["loss"]), rows

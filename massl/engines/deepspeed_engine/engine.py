@@ -92,6 +92,8 @@ class DeepSpeedEngine(Engine):
         self.dtype = DTYPES[self.precision]
         self.group = process_group(env)
         deepspeed = import_deepspeed(env.device)
+        for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+            os.environ.setdefault(name, str(value))  # DeepSpeed asserts on them, also in one plain process
         init_deepspeed_comm(deepspeed, env.device)
         self.config = ds_config.student_config(cfg, self.precision)
         self._deepspeed = deepspeed
