@@ -2,7 +2,8 @@
 
 One pair of processes (W=2) trains, one after the other, ddp and ZeRO 1, 2, 3 with per-parameter
 clipping, the same with global clipping, and ZeRO-3 with activation checkpointing (tiny ViT,
-fp32, SGD, BatchNorm head, clipping active at every step); the tests of this module share them:
+fp32, SGD, BatchNorm head, clipping active at every step; two runs with the example
+configs/deepspeed/zero{2,3}.json), and ZeRO-3 with AdamW; the tests of this module share them:
 - every ZeRO stage gives ddp's losses step by step and ddp's teacher weights, in both clip modes,
   and ZeRO-3 gives the same losses with and without activation checkpointing;
 - a ZeRO-3 W=2 AdamW checkpoint resumes at W=1 and W=4 (DeepSpeed's universal conversion) with the
@@ -13,24 +14,35 @@ fp32, SGD, BatchNorm head, clipping active at every step); the tests of this mod
   features;
 - an SGD checkpoint (its momentum is not in DeepSpeed's universal format) at another world size
   is refused with what to do.
+A separate one-rank bf16 run checks that a step DeepSpeed skips (non-finite gradient) is counted
+and moves neither student, teacher nor memory.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import timm
 import torch
 
+from safetensors.torch import load_file
+
 from massl.checkpoint.reader import read_teacher_state_dict
 from massl.config import ConfigError, config_from_dict
-from massl.models import backbone_spec, build_student_teacher
+from massl.dist import init_distributed
+from massl.engines import build_engine
+from massl.export import export_teacher
+from massl.memory import MemoryBank
+from massl.models import build_student_teacher
 from massl.optim import clip_grads_
-from massl.train import train
+from massl.train import train, train_step
 from tests.distributed import run_ranks
 from tests.engines_common import build_and_load, losses, step_dir, teacher_features, tiny_config, write_images
 
 pytest.importorskip("deepspeed")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5  # as tests/test_engines_distributed.py: losses differ by ~1e-6 relative (reduction order)
 ATOL = 1e-5  # teacher weights: moved by more than 1e-3, differ by rounding only
 FEATURE_TOL = 1e-5
@@ -95,6 +107,9 @@ def runs(tmp_path_factory, images):
                                                          optim=optim, engine={"zero_stage": stage})
     configs["zero3_ac"] = tiny_config(data, str(root / "zero3_ac"), "deepspeed", 2,
                                       engine={"zero_stage": 3, "activation_checkpointing": "full"})
+    # the example ds_config files, merged into massl's (DeepSpeed's options do not change the result)
+    for name, stage in (("zero3_ac", 3), ("zero2_global", 2)):
+        configs[name]["engine"]["deepspeed_config"] = os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.json")
     # DeepSpeed's universal checkpoints (another world size) carry Adam's state only
     configs["zero3_adamw"] = tiny_config(data, str(root / "zero3_adamw"), "deepspeed", 2, **ADAMW,
                                          engine={"zero_stage": 3})
@@ -174,13 +189,56 @@ def test_another_world_size_without_adam_state_is_refused(runs):
     assert message.startswith("run.resume: ") and "2 ranks" in message and "optim.name=adamw" in message, message
 
 
-def test_exported_zero3_teacher_loads_strictly_into_timm(runs, images):
-    state = read_teacher_state_dict(step_dir(_out(runs, "zero3_adamw"), 4))
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    cfg = config_from_dict(runs["configs"]["zero3_adamw"])
-    spec = backbone_spec(cfg.model, cfg.data.global_crop_size)
+def test_exported_zero3_teacher_loads_strictly_into_timm(runs, images, tmp_path):
+    """massl-export's code path, in this process (no process group, no DeepSpeed needed to read)."""
+    out = str(tmp_path / "teacher.safetensors")
+    spec = export_teacher(step_dir(_out(runs, "zero3_adamw"), 4), out)
     model = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
-    model.load_state_dict(backbone, strict=True)
+    model.load_state_dict(load_file(out), strict=True)
     with torch.no_grad():
         feats = model.eval()(images)
     np.testing.assert_allclose(feats.numpy(), runs["zero3_features"]["backbone"], rtol=FEATURE_TOL, atol=FEATURE_TOL)
+
+
+def _overflow_then_normal_step(rank, world, cfg_dict):
+    """A bf16 step with a non-finite gradient (a NaN pixel), then a normal one: what each changed."""
+    cfg = config_from_dict(cfg_dict)
+    env = init_distributed(cfg.run.device)
+    torch.manual_seed(0)
+    engine = build_engine(cfg, env, *build_student_teacher(cfg))
+    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group, device=env.device)
+    h = {"lr": 0.01, "wd": 0.04, "teacher_momentum": 0.9, "teacher_temp": 0.07}
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(cfg.data.batch_size, 3, s, s, generator=g) for s in (32, 32, 16, 16)]
+
+    def snapshot():
+        return ({k: v.clone() for k, v in engine.partitions.full_state_dict().items()},
+                [m.clone() for m in engine.partitions.masters()], memory.bank.clone(), memory.ptr)
+
+    states, skipped, applied = [snapshot()], [], []
+    for step, poison in enumerate((True, False)):
+        batch = [c.clone() for c in crops]
+        if poison:
+            batch[0][0, 0, 0, 0] = float("nan")
+        out = train_step(engine, memory, batch, cfg, step, h, env.group)
+        skipped.append(float(out["skipped_steps"]))
+        applied.append(engine.step_applied())
+        states.append(snapshot())
+    moved = []
+    for before, after in zip(states[:-1], states[1:]):
+        moved.append({
+            "teacher": any(not torch.equal(before[0][k], after[0][k]) for k in before[0]),
+            "student": any(not torch.equal(a, b) for a, b in zip(before[1], after[1])),
+            "memory": not torch.equal(before[2], after[2]) or before[3] != after[3]})
+    return {"skipped": skipped, "applied": applied, "moved": moved}
+
+
+def test_a_skipped_bf16_step_moves_neither_teacher_nor_memory(runs):
+    """DeepSpeed skips a bf16 step whose gradient is not finite (check_grad_overflow): the step is
+    counted, and the student, the teacher and the memory stay as they were; the next step moves all three."""
+    cfg = tiny_config(runs["data"], str(runs["root"] / "bf16"), "deepspeed", 1, run={"precision": "bf16"},
+                      **ADAMW, engine={"zero_stage": 2})
+    got = run_ranks(_overflow_then_normal_step, 1, cfg)[0]
+    assert got["skipped"] == [1.0, 1.0] and got["applied"] == [False, True]
+    assert got["moved"][0] == {"teacher": False, "student": False, "memory": False}
+    assert got["moved"][1] == {"teacher": True, "student": True, "memory": True}
