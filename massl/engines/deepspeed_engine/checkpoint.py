@@ -54,11 +54,9 @@ def save(engine, directory: str) -> None:
 
         save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in teacher.items()},
                   os.path.join(directory, TEACHER_FILE))
-        import deepspeed
-
         write_json_atomic(os.path.join(directory, LAYOUT_FILE), {
             "world_size": engine.env.world_size, "zero_stage": engine.stage, "precision": engine.precision,
-            "tag": TAG, "deepspeed": deepspeed.__version__})
+            "tag": TAG, "deepspeed": engine.deepspeed.__version__})
 
 
 def load(engine, directory: str) -> None:

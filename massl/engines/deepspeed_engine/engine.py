@@ -96,7 +96,7 @@ class DeepSpeedEngine(Engine):
             os.environ.setdefault(name, str(value))  # DeepSpeed asserts on them, also in one plain process
         init_deepspeed_comm(deepspeed, env.device)
         self.config = ds_config.student_config(cfg, self.precision)
-        self._deepspeed = deepspeed
+        self.deepspeed = deepspeed
         self.student_module, self.teacher_module = wrap_models(
             student.to(env.device), teacher.to(env.device), cfg.engine, env.group, self._initialize)
         self.student = CastInputs(self.ds, self.dtype)
@@ -108,12 +108,17 @@ class DeepSpeedEngine(Engine):
         """The parallel wrapper (wrapping.py's last step): DeepSpeed engines and the teacher's layout."""
         fused = self.env.device.type == "cuda" and self.cfg.optim.name == "adamw"
         optimizer = build_optimizer(self.cfg.optim, param_groups(student), fused=fused)
+        if self.dtype != torch.float32:  # DeepSpeed casts the weights only; BatchNorm needs its statistics alike
+            for model in (student, teacher):
+                for b in model.buffers():
+                    if b.is_floating_point():
+                        b.data = b.data.to(self.dtype)
         names = [n for n, _ in teacher.named_parameters()]
         initial = [t.detach().clone() for t in teacher.parameters()] if self.stage == 3 else None
-        self.ds, *_ = self._deepspeed.initialize(model=student, optimizer=optimizer, config=self.config,
+        self.ds, *_ = self.deepspeed.initialize(model=student, optimizer=optimizer, config=self.config,
                                                  dist_init_required=False)
         if self.stage == 3:
-            self.teacher_ds, *_ = self._deepspeed.initialize(model=teacher, config=ds_config.teacher_config(self.config),
+            self.teacher_ds, *_ = self.deepspeed.initialize(model=teacher, config=ds_config.teacher_config(self.config),
                                                              dist_init_required=False)
             pairs = list(zip(student.parameters(), teacher.parameters(), names, initial))
             self.partitions = Stage3(self.ds.optimizer, pairs, teacher)
@@ -136,7 +141,7 @@ class DeepSpeedEngine(Engine):
         ]
         for ok, what in checks:
             if not ok:
-                raise RuntimeError(f"deepspeed: massl expects {what}; DeepSpeed {self._deepspeed.__version__} "
+                raise RuntimeError(f"deepspeed: massl expects {what}; DeepSpeed {self.deepspeed.__version__} "
                                    "set it otherwise")
 
     # -- the interface -------------------------------------------------------------------------

@@ -34,12 +34,6 @@ def _offset_in(flat: torch.Tensor, p: torch.Tensor) -> int:
     return offset
 
 
-def _floating_buffers_to(module: nn.Module, dtype: torch.dtype) -> None:
-    for b in module.buffers():
-        if b.is_floating_point():
-            b.data = b.data.to(dtype)
-
-
 class Stage12:
     """ZeRO-1/2: gradient fragments, master partitions, and a full teacher gathered after its EMA."""
 
@@ -60,16 +54,13 @@ class Stage12:
                 full32[offset:offset + sp.numel()].copy_(tp.detach().reshape(-1))
                 self.slots.append((i, offset, tp))
             size = lp_flat.numel() // world
-            if dtype == torch.float32:  # the compute copy is fp32: the own partition is the accumulator
-                flat = full32
-                acc = flat.narrow(0, rank * size, size)
-            else:
-                flat = full32.to(dtype)
-                acc = full32.narrow(0, rank * size, size).clone()
-            self.groups.append((flat, flat.narrow(0, rank * size, size), acc, pg))
+            flat = full32 if dtype == torch.float32 else full32.to(dtype)
+            own = flat.narrow(0, rank * size, size)
+            # an fp32 compute copy's own partition is the accumulator itself
+            acc = own if dtype == torch.float32 else full32.narrow(0, rank * size, size).clone()
+            self.groups.append((flat, own, acc, pg))
         for i, offset, tp in self.slots:
             tp.data = self.groups[i][0][offset:offset + tp.numel()].view(tp.shape)
-        _floating_buffers_to(teacher, dtype)
 
     def grad_fragments(self) -> list[torch.Tensor]:
         """This rank's part of each parameter's averaged gradient (empty where it holds none); writing
