@@ -114,7 +114,7 @@ class DeepSpeedEngine(Engine):
                     if b.is_floating_point():
                         b.data = b.data.to(self.dtype)
         names = [n for n, _ in teacher.named_parameters()]
-        initial = [t.detach().clone() for t in teacher.parameters()] if self.stage == 3 else None
+        initial = [t.detach().to("cpu", copy=True) for t in teacher.parameters()] if self.stage == 3 else None
         self.ds, *_ = self.deepspeed.initialize(model=student, optimizer=optimizer, config=self.config,
                                                  dist_init_required=False)
         if self.stage == 3:

@@ -109,7 +109,7 @@ class Stage3:
     def __init__(self, optimizer, pairs: list[tuple[nn.Parameter, nn.Parameter, str, torch.Tensor]],
                  teacher: nn.Module):
         """`pairs`: (student parameter, teacher parameter, teacher name, the teacher's initial fp32
-        values), both parameters already partitioned by their engines."""
+        values on the CPU), both parameters already partitioned by their engines."""
         self.opt, self.teacher = optimizer, teacher
         index = {p: (sg, j) for sg, group in enumerate(optimizer.fp16_groups) for j, p in enumerate(group)}
         if len(index) != len(pairs):
@@ -125,7 +125,7 @@ class Stage3:
         for (sp, tp, name, init), ds in zip(pairs, self.ds_tensors):
             if ds.numel() != sp.ds_tensor.numel():
                 raise RuntimeError(f"deepspeed: teacher {name} is partitioned unlike the student")
-            piece = self._piece(init, rank, ds.numel())
+            piece = self._piece(init, rank, ds.numel()).to(ds.device)
             if not torch.equal(ds, piece.to(ds.dtype)):  # ZeRO-3's layout is the one assumed here
                 raise RuntimeError(f"deepspeed: teacher {name}'s partition is not elements [r*n, (r+1)*n) of it")
             accs.append(ds if ds.dtype == torch.float32 else piece.clone())
