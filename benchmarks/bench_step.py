@@ -9,6 +9,7 @@ with a reference measured in the same run: the first setting of the same archite
 
     python benchmarks/bench_step.py                        # GPU: ViT-S/16 and ViT-B/16, single/fsdp, AC none/full
     python benchmarks/bench_step.py --archs vit_base --batch 128 --ac full --compile off on
+    python benchmarks/bench_step.py --engines fsdp deepspeed --zero-stage 2 3   # DeepSpeed ZeRO-2 and ZeRO-3 rows
     python benchmarks/bench_step.py --tiny                 # seconds on a CPU: a smoke test of this script
 
 `--count-ops` counts instead the aten operators one step dispatches (massl.opcount: the
@@ -51,8 +52,11 @@ FLOPS_PER_IMAGE: dict = {}  # arch -> model FLOPs per image of one step (massl.f
 
 
 def make_config(args, arch: str, engine: str, ac: str, compile: bool = False) -> Config:
+    """`engine`: an engine name, or `deepspeed-zero<stage>`."""
     cfg = Config()
     cfg.run.precision = args.precision
+    if engine.startswith("deepspeed-zero"):
+        engine, cfg.engine.zero_stage = "deepspeed", int(engine[len("deepspeed-zero"):])
     cfg.engine.name, cfg.engine.activation_checkpointing, cfg.engine.compile = engine, ac, compile
     cfg.model.arch, cfg.model.patch_size = arch, args.patch
     if args.tiny:
@@ -190,7 +194,7 @@ def table(rows: list[dict]) -> str:
 # at the shapes of ../shared/tools/count_published_ops.py.
 MODE_DEFAULTS = {
     "archs": (["vit_small", "vit_base"], ["vit_small"]),
-    "engines": (["single", "fsdp"], list(ENGINES)),
+    "engines": (["single", "fsdp"], ["single", "ddp", "fsdp"]),
     "ac": (["none", "full"], ["none"]),
     "batch": (64, 8),
     "global_size": (224, 64),
@@ -205,7 +209,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", help="default vit_small vit_base (--count-ops: vit_small)")
     p.add_argument("--engines", nargs="+", choices=list(ENGINES),
-                   help="default single fsdp (--count-ops: every registered engine)")
+                   help="default single fsdp (--count-ops: single ddp fsdp; deepspeed on request)")
+    p.add_argument("--zero-stage", nargs="+", type=int, default=[2], choices=[1, 2, 3],
+                   help="with --engines deepspeed: a row per ZeRO stage (default 2)")
     p.add_argument("--ac", nargs="+", choices=["none", "full", "every_k"], help="default none full (--count-ops: none)")
     p.add_argument("--compile", nargs="*", choices=["off", "on"],
                    help="torch.compile of the transformer blocks: off (default), on, or both (--compile off on); "
@@ -241,6 +247,12 @@ def parse_args(argv=None):
     return args
 
 
+def settings(args) -> list[str]:
+    """The engines to time, deepspeed expanded into `deepspeed-zero<stage>` per --zero-stage."""
+    return [e for name in args.engines
+            for e in ([f"deepspeed-zero{s}" for s in args.zero_stage] if name == "deepspeed" else [name])]
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -254,10 +266,10 @@ def main(argv=None) -> list[dict]:
           f"P={args.partition_size}, batch {args.batch}" + (f", {args.archs[0]}, {args.precision}" if args.count_ops else ""),
           flush=True)
     if args.count_ops:
-        jobs = [lambda: count_published_ops(args)] + [lambda e=e: count_ops(args, device, e) for e in args.engines]
+        jobs = [lambda: count_published_ops(args)] + [lambda e=e: count_ops(args, device, e) for e in settings(args)]
     else:
         jobs = [lambda s=s: measure(args, device, *s)
-                for s in itertools.product(args.archs, args.engines, args.ac, args.compile)]
+                for s in itertools.product(args.archs, settings(args), args.ac, args.compile)]
     for job in jobs:  # the file is rewritten after every row: a run cut short keeps what it measured
         rows.append(job())
         if not args.count_ops:

@@ -15,12 +15,13 @@
 # also the last lines printed).
 #
 # Budget, each part under its own timeout (seconds): setup 15, tests 75, published step 195,
-# ViT-S/16 x128 50, ViT-B/16 x64 60, ViT-B/16 x64 compiled 115, loss path 25, table 5: 540.
+# ViT-S/16 x128 50, ViT-B/16 x64 60, ViT-B/16 x64 fsdp / ZeRO-2 / ZeRO-3 120, loss path 25,
+# table 5: 545.
 #
-# A second call, `bash benchmarks/gpu_check.sh data` (about 4 minutes; carry .whl and
+# A second call, `bash benchmarks/gpu_check.sh extra` (about 6 minutes; carry .whl and
 # .bench_jpegs, written here by `python benchmarks/bench_data.py --write-images .bench_jpegs`, as
-# the GPU image has no scikit-image), measures the data path on the device (gpu_augment and
-# device decode, loader + device images/s) and the memory benchmark. simplejpeg can travel as a
+# the GPU image has no scikit-image), times ViT-B/16 with compiled blocks, the data path on the
+# device (gpu_augment and device decode, loader + device images/s) and the memory benchmark. simplejpeg can travel as a
 # wheel (`pip download simplejpeg==1.9.0 --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .whl`); OpenCV's 61 MB wheel does not fit the carry, so the
 # data benchmark skips its (b) row there.
@@ -49,7 +50,9 @@ fi
   python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
   git log -1 --format='commit %h %cd' 2>/dev/null; date; } 2>&1 | tee -a "$LOG"
 
-if [ "${1:-step}" = data ]; then
+if [ "${1:-step}" = extra ]; then
+  part 115 "massl step, ViT-B/16, batch 64, compiled blocks" python3 benchmarks/bench_step.py --steps 8 --warmup 3 \
+    --archs vit_base --batch 64 --engines single --ac none --compile on --out "$OUT/step_vitb_compiled.json"
   part 150 "data path on the device" python3 benchmarks/bench_data.py --images .bench_jpegs --device cuda --reps 3 \
     --per-rep 21 --e2e-batches 40 --out "$OUT/data_gpu.json"
   part 90 "memory benchmark" python3 benchmarks/bench_memory.py --device cuda --out "$OUT/bench_memory_cuda.json"
@@ -66,11 +69,9 @@ part 50 "massl step, ViT-S/16, batch 128" "${STEP[@]}" --archs vit_small --batch
   --ac none full --out "$WORK/step_vits.json"
 part 60 "massl step, ViT-B/16, batch 64" "${STEP[@]}" --archs vit_base --batch 64 --engines single fsdp \
   --ac none full --out "$WORK/step_vitb.json"
-part 115 "massl step, ViT-B/16, batch 64, compiled blocks" "${STEP[@]}" --archs vit_base --batch 64 --engines single \
-  --ac none --compile on --out "$WORK/step_vitb_compiled.json"
-# DeepSpeed rows (issue 9) go here: a part writing "$WORK/step_<name>.json" with bench_step.py
-# --engines deepspeed (and its ZeRO options); every $WORK/step_*.json enters the table. Keep the
-# budget above under 9 minutes in all.
+# DeepSpeed ZeRO-2 and ZeRO-3 beside fsdp, ViT-B/16 bf16 (a process of their own: DeepSpeed keeps global state)
+part 120 "massl step, ViT-B/16, batch 64, fsdp / DeepSpeed ZeRO-2 / ZeRO-3" "${STEP[@]}" --archs vit_base --batch 64 \
+  --engines fsdp deepspeed --zero-stage 2 3 --ac none --out "$WORK/step_vitb_deepspeed.json"
 part 25 "loss path alone, 64 images" python3 benchmarks/bench_memory.py --device cuda --batch 64 --chunk-rows 0 \
   --iters 5 --warmup 2 --out "$WORK/loss_b64.json"
 

@@ -19,8 +19,12 @@ def train_main(argv=None) -> None:
         epilog="example: massl-train --config configs/quickstart.yaml optim.lr=1e-3 data.batch_size=32")
     p.add_argument("--config", help="YAML config file (defaults: the published ViT-B/16 recipe)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="this process's rank on its node, as the deepspeed launcher passes it (LOCAL_RANK is read first)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=1e-3")
     args = p.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(args.config, args.overrides, check_paths=not args.print_config)
     except UserError as e:

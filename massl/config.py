@@ -131,11 +131,13 @@ class DataConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "single"  # single | ddp | fsdp
+    name: str = "single"  # single | ddp | fsdp | deepspeed
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # every_k: checkpoint every k-th block
     compile: bool = False  # torch.compile each transformer block
     fsdp_reshard_after_forward: bool = False  # fsdp: reshard student blocks after each forward (less memory, 2x their gathers)
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    deepspeed_config: str = ""  # deepspeed: a JSON file of DeepSpeed's own options, merged into massl's
 
 
 @dataclass
@@ -185,7 +187,8 @@ CHOICES = {
     "data.gpu_augment": ("auto", "true", "false"),
     "data.decode": ("cpu", "device"),
     "data.aug.interpolation": ("bicubic", "bilinear"),
-    "engine.name": ("single", "ddp", "fsdp"),
+    "engine.name": ("single", "ddp", "fsdp", "deepspeed"),
+    "engine.zero_stage": (1, 2, 3),
     "engine.activation_checkpointing": ("none", "full", "every_k"),
 }
 
@@ -341,7 +344,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
     resume paths (printing a config, reading a finished run's config elsewhere).
     """
     for key, choices in CHOICES.items():
-        _require(_get(cfg, key) in choices, key, f"must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+        _require(_get(cfg, key) in choices, key, f"must be one of {', '.join(map(str, choices))}, got {_get(cfg, key)!r}")
 
     r, m, mem, o, d, a = cfg.run, cfg.model, cfg.memory, cfg.optim, cfg.data, cfg.data.aug
     if device_type is None and r.device == "cpu":
@@ -413,6 +416,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
                      "is required when data.source is webdataset (e.g. shards/train-{000000..000099}.tar)")
             _require(not d.manifest or os.path.isfile(d.manifest), "data.manifest",
                      f"file {d.manifest!r} does not exist (massl-shard writes manifest.json beside the shards)")
+        if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config:
+            from .engines.deepspeed_engine.ds_config import read_user_config
+
+            read_user_config(cfg.engine.deepspeed_config)  # refuses what massl sets, naming the massl key
         if r.resume not in ("auto", "never"):
             _require(os.path.isdir(r.resume), "run.resume",
                      f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")
@@ -424,6 +431,13 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
                      f"directory (<run>/checkpoints/step_...)")
     _require(not (r.precision == "fp16" and device_type == "cpu"), "run.precision",
              "fp16 needs a CUDA device (it uses a loss scaler); use fp32 (fastest on a CPU) or bf16")
+    _require(not (cfg.engine.name == "deepspeed" and o.name == "lars"), "optim.name",
+             "lars computes a trust ratio per parameter, which ZeRO's flat partitions do not keep apart; use adamw "
+             "or sgd with engine.name=deepspeed")
+    _require(not (cfg.engine.compile and cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3),
+             "engine.compile", "is not supported with engine.zero_stage=3 (DeepSpeed gathers and releases each "
+             "parameter in module hooks, which torch.compile does not trace on our torch); use engine.zero_stage=1 "
+             "or 2, or engine.compile=false")
     _check_no_effect(cfg, warn=world_size is not None)
     _validate_eval(cfg.eval, check_paths)
 
@@ -437,7 +451,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
                      f"({mem.size}) must be divisible by the world size ({world_size}) to shard the memory")
         if world_size > 1:
             _require(cfg.engine.name != "single", "engine.name",
-                     f"is single but {world_size} processes were launched; use ddp or fsdp")
+                     f"is single but {world_size} processes were launched; use ddp, fsdp or deepspeed")
 
 
 DEFAULTS = Config()
@@ -460,6 +474,8 @@ def _check_no_effect(cfg: Config, warn: bool) -> None:
         ("data.shuffle_buffer", d.source == "webdataset", "only data.source=webdataset uses it"),
         ("optim.momentum", o.name in ("sgd", "lars"), "optim.name is adamw, whose moments are optim.betas"),
         ("optim.betas", o.name == "adamw", f"optim.name is {o.name}, which uses optim.momentum"),
+        ("engine.zero_stage", e.name == "deepspeed", f"engine.name is {e.name}; only deepspeed has ZeRO stages"),
+        ("engine.deepspeed_config", e.name == "deepspeed", f"engine.name is {e.name}; only deepspeed reads it"),
     ]
     warnings_ = [
         ("engine.ac_every", e.activation_checkpointing == "every_k", "engine.activation_checkpointing is not every_k"),

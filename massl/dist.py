@@ -29,13 +29,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def _env_int(*names: str) -> Optional[int]:
-    for n in names:
-        if os.environ.get(n, "") != "":
-            return int(os.environ[n])
-    return None
-
-
 def resolve_device(name: str, local_rank: int = 0, key: str = "run.device") -> torch.device:
     """`auto` -> this process's CUDA device when CUDA is visible, else the CPU; `key` names the
     setting in the error when CUDA is asked for but absent."""
@@ -46,15 +39,35 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "run.device") -> t
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Read torchrun / DeepSpeed / Slurm variables and start the process group if there are several ranks.
+# Where each launcher puts (rank, world size, local rank), in order of precedence: torchrun and the
+# deepspeed launcher (and what init_distributed exports), Slurm's srun (also `deepspeed --launcher
+# slurm`), Open MPI's mpirun (`deepspeed --launcher openmpi`), MPICH / Intel MPI (PMI).
+LAUNCHER_VARIABLES = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+)
 
-    torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK; under `srun` without them
-    we take SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (the published code left the world size unset).
+
+def launcher_ranks(environ=None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the first launcher whose world size is set; (0, 1, 0) alone."""
+    environ = os.environ if environ is None else environ
+    for rank, world, local in LAUNCHER_VARIABLES:
+        if environ.get(world, "") != "":
+            return int(environ.get(rank) or 0), int(environ[world]), int(environ.get(local) or 0)
+    return 0, 1, 0
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Start the process group if the launcher started several ranks (launcher_ranks), on this rank's device.
+
+    The ranks are exported as RANK / WORLD_SIZE / LOCAL_RANK too, so that libraries that read only
+    those (DeepSpeed) agree with us under srun or mpirun.
     """
-    rank = _env_int("RANK", "SLURM_PROCID") or 0
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    rank, world, local_rank = launcher_ranks()
+    if world > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     dev = resolve_device(device, local_rank)
     use_cuda = dev.type == "cuda"
     if use_cuda:
@@ -128,6 +141,17 @@ def gather_rows_to_main(x: torch.Tensor, group: Optional[dist.ProcessGroup],
     if rank != 0:
         return None
     return torch.cat([p for r in range(world) for p in parts[r]] or [x[:0]])
+
+
+def all_gather_into_(out: torch.Tensor, shard: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Every rank's equal-sized `shard`, rank-major, into the flat `out` (`shard` may be rank's own
+    slice of `out`, as in DeepSpeed's post-step gather); a copy in one process."""
+    if world_of(group)[1] == 1:
+        if shard.data_ptr() != out.data_ptr():
+            out.copy_(shard)
+        return out
+    _all_gather_tensor(out, shard, group=group)
+    return out
 
 
 class _GatherRowsWithGrad(torch.autograd.Function):

@@ -73,22 +73,26 @@ def set_hparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
 
 
 def grad_norms(grads: list[torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """L2 norm of each gradient; with `group`, the grads are shards and the squares are summed across it."""
-    sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square()
+    """L2 norm of each gradient (accumulated and returned in fp32: a loss-scaled fp16 gradient's
+    norm overflows fp16); with `group`, the grads are shards and the squares are summed across it."""
+    sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square()
     return all_reduce_(sq, group).sqrt()
 
 
 def clip_grads_(grads: list[torch.Tensor], max_norm: float, mode: str,
-                group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                group: Optional[dist.ProcessGroup] = None, grad_scale: float = 1.0) -> torch.Tensor:
     """Clip in place; returns the global gradient norm before clipping (a device scalar).
 
     per_param: each parameter's gradient scaled by min(1, max_norm / (norm + 1e-6)), as the
     published code does with one host sync per parameter; here one foreach kernel.
     global: all gradients scaled by min(1, max_norm / (total_norm + 1e-6)).
+    `grad_scale`: the loss scale the gradients still carry (norms are taken without it).
     """
     if not grads:
         return torch.zeros(())
     norms = grad_norms(grads, group)
+    if grad_scale != 1.0:
+        norms = norms / grad_scale
     total = norms.square().sum().sqrt()
     if max_norm > 0:
         scale = (max_norm / ((norms if mode == "per_param" else total) + 1e-6)).clamp(max=1.0)

@@ -65,12 +65,15 @@ def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, 
         objective = objective + cfg.loss.koleo_weight * out["koleo"] * global_term_scale(koleo_group)
     engine.backward(objective)
     out.update(engine.step(h["lr"], h["wd"]))
-    engine.update_teacher(h["teacher_momentum"])
+    applied = engine.step_applied()  # a step skipped on overflow moves neither the teacher nor the memory
+    if applied:
+        engine.update_teacher(h["teacher_momentum"])
     out["loss"] = loss.detach()
     if monitor:
         out["agree_top1"], out["agree_top5"] = partition_agreement(
             zs[0].detach(), zt[1], memory.bank, perm, cfg.memory.partition_size, loss_group)
-    memory.enqueue(zt[1])
+    if applied:
+        memory.enqueue(zt[1])
     return {k: v.detach() for k, v in out.items()}
 
 

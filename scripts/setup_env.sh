@@ -14,7 +14,12 @@ want="$(cat "$root/requirements.txt" "$root/setup.py" | sha256sum | cut -d' ' -f
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements (torch from the pinned wheel; about a minute)"
   "$venv/bin/python" -m pip install -q --upgrade pip 2>/dev/null || true
-  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt"
+  # deepspeed is a source distribution whose build imports torch: install it after everything else,
+  # without build isolation (an isolated build could fetch another torch), torch pinned to ours.
+  "$venv/bin/python" -m pip install -q -r <(grep -v '^deepspeed==' "$root/requirements.txt")
+  "$venv/bin/python" -m pip install -q setuptools wheel
+  "$venv/bin/python" -m pip install -q --no-build-isolation -c <(grep -E '^torch(vision)?==' "$root/requirements.txt") \
+    $(grep '^deepspeed==' "$root/requirements.txt")
   "$venv/bin/python" -m pip install -q --no-deps -e "$root"
   echo "$want" > "$stamp"
 fi

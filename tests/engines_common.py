@@ -1,4 +1,5 @@
-"""Shared pieces of the engine tests: a tiny image folder and a tiny training config."""
+"""Shared pieces of the engine tests: a tiny image folder, a tiny training config, an engine
+loaded from a checkpoint and its teacher's features."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +7,17 @@ import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
+
+from massl.scaling import LossShape, resolve_sharded
+from massl.checkpoint import CheckpointManager
+from massl.config import config_from_dict
+from massl.dist import init_distributed
+from massl.engines import build_engine
+from massl.memory import MemoryBank
+from massl.models import build_student_teacher
+from massl.trainer_state import TrainerState
 
 N_IMAGES = 24  # 3 global batches of 8: five steps cross an epoch boundary
 GLOBAL_BATCH = 8
@@ -59,3 +70,30 @@ def losses(out: str) -> dict[int, float]:
 
 def step_dir(out: str, step: int) -> str:
     return os.path.join(out, "checkpoints", f"step_{step:09d}")
+
+
+def build_and_load(cfg_dict, checkpoint):
+    """A fresh engine (initialised from another seed, so only loading can make it right) loaded from `checkpoint`."""
+    cfg = config_from_dict(cfg_dict)
+    env = init_distributed(cfg.run.device)
+    torch.manual_seed(cfg.run.seed + 1)
+    student, teacher = build_student_teacher(cfg)
+    engine = build_engine(cfg, env, student, teacher)
+    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
+                        sharded=resolve_sharded(cfg.memory.sharded, LossShape.of_run(cfg, env.world_size)),
+                        seed=cfg.run.seed + 1, device=env.device)
+    CheckpointManager.load(checkpoint, {"engine": engine, "memory": memory, "trainer": TrainerState(env, cfg.run.seed)})
+    return engine, memory
+
+
+def teacher_features(engine, memory, images):
+    """Teacher backbone features and head outputs (eval mode) on `images`, and the whole memory,
+    as numpy arrays (tensors would travel back through shared memory that dies with the process)."""
+    captured = {}
+    hook = engine.teacher.backbone.register_forward_hook(lambda m, i, out: captured.update(backbone=out.detach()))
+    engine.teacher.eval()
+    with torch.no_grad():
+        head = engine.teacher([images])[0]
+    hook.remove()
+    return {"backbone": captured["backbone"].numpy(), "head": head.numpy(),
+            "memory": memory.full_state_dict()["bank"].numpy(), "ptr": memory.ptr}

@@ -1,4 +1,4 @@
-"""A training process for the kill test, launched by torchrun:
+"""A training process for the kill tests, launched by torchrun:
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.engines_worker CONFIG HOLD_STEP MARKERS
 
@@ -14,12 +14,12 @@ import sys
 import time
 
 from massl.config import load_config
-from massl.engines.fsdp import FSDPEngine
+from massl.engines import engine_class
 from massl.train import train
 
 
-def hold_inside_checkpoint_write(step: int, markers: str) -> None:
-    write = FSDPEngine.save
+def hold_inside_checkpoint_write(engine_class, step: int, markers: str) -> None:
+    write = engine_class.save
 
     def write_then_hold(self, directory):
         write(self, directory)  # <run>/checkpoints/.tmp-step_<N>/engine
@@ -27,13 +27,14 @@ def hold_inside_checkpoint_write(step: int, markers: str) -> None:
             open(os.path.join(markers, f"held.{self.env.rank}"), "w").close()
             time.sleep(600)
 
-    FSDPEngine.save = write_then_hold
+    engine_class.save = write_then_hold
 
 
 if __name__ == "__main__":
     config, hold_step, markers = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     with open(os.path.join(markers, f"pid.{os.environ['RANK']}"), "w") as f:
         f.write(str(os.getpid()))
+    cfg = load_config(config)
     if hold_step > 0:
-        hold_inside_checkpoint_write(hold_step, markers)
-    train(load_config(config))
+        hold_inside_checkpoint_write(engine_class(cfg.engine.name), hold_step, markers)
+    train(cfg)

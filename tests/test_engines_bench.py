@@ -1,14 +1,17 @@
-"""Smoke tests of benchmarks/bench_step.py --tiny (CPU): every setting runs and reports, and fsdp at
-world size 1 trains exactly like single (same loss after the same steps, AC on or off); --count-ops
-counts every engine's step and runs the published step's counter (here a stand-in script) with the
-same shapes."""
+"""Smoke tests of benchmarks/bench_step.py --tiny (CPU): every setting runs and reports; fsdp and
+deepspeed at world size 1 train exactly like single (same loss after the same steps, AC on or off);
+--count-ops counts every engine's step and runs the published step's counter (here a stand-in
+script) with the same shapes."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
+import pytest
 import torch.distributed as dist
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_step.py")
@@ -61,3 +64,18 @@ def test_bench_step_count_ops_tiny(tmp_path):
     for r in rows[1:]:
         assert r["host_scalar_reads"] == 0 and r["dynamic_shape_ops"] == 0, r
         assert 100 < r["non_view_ops"] < r["total_ops"], r
+
+
+def test_bench_step_tiny_deepspeed(tmp_path):
+    """ZeRO-3 in one plain process (no launcher), in a process of its own: DeepSpeed keeps global state."""
+    pytest.importorskip("deepspeed")
+    out = str(tmp_path / "bench.json")
+    done = subprocess.run([sys.executable, SCRIPT, "--tiny", "--engines", "single", "deepspeed", "--zero-stage", "3",
+                           "--ac", "none", "--out", out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:]
+    with open(out) as f:
+        rows = json.load(f)["rows"]
+    assert [r["engine"] for r in rows] == ["single", "deepspeed-zero3"]
+    assert rows[1]["img_per_s"] > 0 and rows[1]["peak_gib"] > 0
+    assert abs(rows[1]["loss"] - rows[0]["loss"]) <= 1e-5 * abs(rows[0]["loss"]), rows

@@ -19,18 +19,12 @@ import timm
 import torch
 
 from massl.config import ConfigError, config_from_dict
-from massl.dist import init_distributed
-from massl.checkpoint import CheckpointManager
 from massl.checkpoint.reader import read_teacher_state_dict
-from massl.engines import build_engine
-from massl.memory import MemoryBank
-from massl.models import build_student_teacher, backbone_spec
+from massl.models import backbone_spec, build_student_teacher
 from massl.optim import clip_grads_
-from massl.scaling import LossShape, resolve_sharded
 from massl.train import train
-from massl.trainer_state import TrainerState
 from tests.distributed import run_ranks
-from tests.engines_common import losses, step_dir, tiny_config, write_images
+from tests.engines_common import build_and_load, losses, step_dir, teacher_features, tiny_config, write_images
 
 RTOL = 1e-5  # losses of the engines differ by ~1e-6 relative here (reduction order): 10x margin
 # Teacher weights differ by ~6e-7 absolute here, and moved by more than 1e-3: a wrong gradient
@@ -43,36 +37,9 @@ def _train(rank, world, cfg_dict):
     train(config_from_dict(cfg_dict))
 
 
-def _build_and_load(cfg_dict, checkpoint):
-    """A fresh engine (initialised from another seed, so only loading can make it right) loaded from `checkpoint`."""
-    cfg = config_from_dict(cfg_dict)
-    env = init_distributed(cfg.run.device)
-    torch.manual_seed(cfg.run.seed + 1)
-    student, teacher = build_student_teacher(cfg)
-    engine = build_engine(cfg, env, student, teacher)
-    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
-                        sharded=resolve_sharded(cfg.memory.sharded, LossShape.of_run(cfg, env.world_size)),
-                        seed=cfg.run.seed + 1, device=env.device)
-    CheckpointManager.load(checkpoint, {"engine": engine, "memory": memory, "trainer": TrainerState(env, cfg.run.seed)})
-    return engine, memory
-
-
-def _teacher_features(engine, memory, images):
-    """Teacher backbone features and head outputs (eval mode) on `images`, and the whole memory,
-    as numpy arrays (tensors would travel back through shared memory that dies with the process)."""
-    captured = {}
-    hook = engine.teacher.backbone.register_forward_hook(lambda m, i, out: captured.update(backbone=out.detach()))
-    engine.teacher.eval()
-    with torch.no_grad():
-        head = engine.teacher([images])[0]
-    hook.remove()
-    return {"backbone": captured["backbone"].numpy(), "head": head.numpy(),
-            "memory": memory.full_state_dict()["bank"].numpy(), "ptr": memory.ptr}
-
-
 def _fsdp_train_then_features(rank, world, cfg_dict, checkpoint, images):
     train(config_from_dict(cfg_dict))
-    return _teacher_features(*_build_and_load(cfg_dict, checkpoint), images)
+    return teacher_features(*build_and_load(cfg_dict, checkpoint), images)
 
 
 def _clip_error(engine, images, mode: str) -> float:
@@ -96,8 +63,8 @@ def _clip_error(engine, images, mode: str) -> float:
 
 
 def _fsdp_resume_elsewhere(rank, world, cfg_dict, checkpoint, images):
-    engine, memory = _build_and_load(cfg_dict, checkpoint)
-    result = _teacher_features(engine, memory, images)
+    engine, memory = build_and_load(cfg_dict, checkpoint)
+    result = teacher_features(engine, memory, images)
     if world > 1:
         result["clip_error"] = {m: _clip_error(engine, images, m) for m in ("per_param", "global")}
     train(config_from_dict(cfg_dict))

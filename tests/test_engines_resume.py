@@ -1,7 +1,7 @@
-"""A 2-rank FSDP run killed with SIGKILL resumes exactly from its last complete checkpoint.
+"""A 2-rank FSDP, ZeRO-2 or ZeRO-3 run killed with SIGKILL resumes exactly from its last complete checkpoint.
 
-The run (torchrun, fsdp, activation checkpointing, drop-path 0.1 so that the RNG state matters,
-global-norm clipping) checkpoints every 3 steps; both ranks are SIGKILLed inside the write of
+The run (torchrun, activation checkpointing, drop-path 0.1 so that the RNG state matters,
+global-norm clipping; AdamW for DeepSpeed) checkpoints every 3 steps; both ranks are SIGKILLed inside the write of
 step 6, after their files are written but before the checkpoint is sealed. Two newer sealed-looking
 checkpoints are planted, one with a truncated shard file and one without a manifest. The restart
 with `resume: auto` must skip all three, continue from step 3, and reproduce the killed run's
@@ -74,12 +74,24 @@ def _read(path) -> str:
         return f.read()
 
 
-def test_fsdp_run_killed_mid_checkpoint_resumes_and_reproduces_losses(tmp_path):
+# engine settings -> the file the engine writes last into its folder (the kill must come after it)
+SETTINGS = {
+    "fsdp": ({"name": "fsdp"}, {}, ".metadata"),
+    "zero2": ({"name": "deepspeed", "zero_stage": 2}, {"name": "adamw", "lr": 0.05}, "layout.json"),
+    "zero3": ({"name": "deepspeed", "zero_stage": 3}, {"name": "adamw", "lr": 0.05}, "layout.json"),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_run_killed_mid_checkpoint_resumes_and_reproduces_losses(tmp_path, setting):
+    engine, optim, last_file = SETTINGS[setting]
+    if engine["name"] == "deepspeed":
+        pytest.importorskip("deepspeed")
     data = write_images(str(tmp_path / "images"))
     out = str(tmp_path / "run")
-    cfg = tiny_config(data, out, "fsdp", 2, run={"max_steps": 7, "checkpoint_every": 3},
-                      model={"drop_path": 0.1}, optim={"clip_mode": "global"},
-                      engine={"activation_checkpointing": "full"})
+    cfg = tiny_config(data, out, engine["name"], 2, run={"max_steps": 7, "checkpoint_every": 3},
+                      model={"drop_path": 0.1}, optim={"clip_mode": "global", **optim},
+                      engine={**engine, "activation_checkpointing": "full"})
     config = str(tmp_path / "config.yaml")
     with open(config, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -102,14 +114,13 @@ def test_fsdp_run_killed_mid_checkpoint_resumes_and_reproduces_losses(tmp_path):
 
     root = os.path.join(out, "checkpoints")
     cut_short = os.path.join(root, ".tmp-step_000000006")
-    assert os.path.isfile(os.path.join(cut_short, "engine", ".metadata")), "the kill should land after the shard files"
+    assert os.path.isfile(os.path.join(cut_short, "engine", last_file)), "the kill should land after the engine's files"
     assert not os.path.exists(step_dir(out, 6))
     assert is_complete(step_dir(out, 3))[0]
     # Newer directories that look like checkpoints but are not complete.
     truncated, unsealed = step_dir(out, 5), step_dir(out, 4)
     shutil.copytree(step_dir(out, 3), truncated)
-    engine_files = os.path.join(truncated, "engine")
-    shard = max((os.path.join(engine_files, n) for n in os.listdir(engine_files) if n.endswith(".distcp")),
+    shard = max((os.path.join(d, n) for d, _, names in os.walk(os.path.join(truncated, "engine")) for n in names),
                 key=os.path.getsize)
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)

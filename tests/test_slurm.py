@@ -2,7 +2,7 @@
 identical losses.
 
 A private single-node cluster (scripts/slurm_cluster.sh, KillWait 5 s) runs the project's own
-sbatch script with 2 tasks (engine ddp, gloo on the CPU). The test sends USR1 to the batch shell
+sbatch script with 2 tasks (engine ddp, and again deepspeed ZeRO-2, unchanged; gloo on the CPU). The test sends USR1 to the batch shell
 as `--signal=B:USR1@...` does before a time limit; the script passes it to the tasks, which
 checkpoint at the step both ranks agree on and exit 75; only then does the script requeue the
 job. The checkpoint is made slower than KillWait (a sitecustomize hook in the job's environment
@@ -77,10 +77,10 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", CLUSTER, "stop", root], env=env, timeout=90)
 
 
-def _write_config(digits_dir: str, directory) -> str:
-    """The tiny CPU config as a YAML file (train.sbatch takes one), engine ddp."""
+def _write_config(digits_dir: str, directory, engine: str = "ddp") -> str:
+    """The tiny CPU config as a YAML file (train.sbatch takes one), engine ddp (or deepspeed: ZeRO-2)."""
     cfg = load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), str(directory / "unused")) + [
-        "engine.name=ddp", f"run.max_steps={MAX_STEPS}", f"run.checkpoint_every={CHECKPOINT_EVERY}",
+        f"engine.name={engine}", f"run.max_steps={MAX_STEPS}", f"run.checkpoint_every={CHECKPOINT_EVERY}",
         "optim.epochs=10", "data.num_workers=1"])  # Slurm signals the loader workers too
     path = str(directory / "tiny.yaml")
     with open(path, "w") as f:
@@ -152,8 +152,11 @@ def _stamp(line_start: str, out: str) -> float:
     return datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f %z").timestamp()
 
 
-def test_usr1_checkpoints_then_requeues_and_the_restart_resumes_exactly(slurm, digits_dir, tmp_path):
-    config = _write_config(digits_dir, tmp_path)
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_usr1_checkpoints_then_requeues_and_the_restart_resumes_exactly(slurm, digits_dir, tmp_path, engine):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    config = _write_config(digits_dir, tmp_path, engine)
     preempted, reference = str(tmp_path / "preempted"), str(tmp_path / "reference")
     slow_env, started = _slow_checkpoint_env(tmp_path)
     job, log = _submit(slurm, str(tmp_path), config, preempted, env_extra=slow_env)

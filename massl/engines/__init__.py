@@ -14,12 +14,14 @@ ENGINES = {
     "single": "massl.engines.torch_optim:SingleEngine",
     "ddp": "massl.engines.ddp:DDPEngine",
     "fsdp": "massl.engines.fsdp:FSDPEngine",
+    "deepspeed": "massl.engines.deepspeed_engine.engine:DeepSpeedEngine",
 }
 # checkpoint format (manifest "format") -> "module:function" reading the full teacher state dict
 # from the engine's checkpoint directory, on the CPU
 TEACHER_READERS = {
     "torch": "massl.engines.torch_optim:read_teacher_state_dict",
     "dcp": "massl.engines.dcp_io:read_teacher_state_dict",
+    "deepspeed": "massl.engines.deepspeed_engine.checkpoint:read_teacher_state_dict",
 }
 
 
@@ -28,10 +30,14 @@ def _load(target: str):
     return getattr(importlib.import_module(module), name)
 
 
+def engine_class(name: str) -> type:
+    if name not in ENGINES:
+        raise ValueError(f"engine.name: {name!r} is not available; use one of {', '.join(ENGINES)}")
+    return _load(ENGINES[name])
+
+
 def build_engine(cfg, env, student, teacher) -> Engine:
-    if cfg.engine.name not in ENGINES:
-        raise ValueError(f"engine.name: {cfg.engine.name!r} is not available; use one of {', '.join(ENGINES)}")
-    return _load(ENGINES[cfg.engine.name])(cfg, env, student, teacher)
+    return engine_class(cfg.engine.name)(cfg, env, student, teacher)
 
 
 def read_teacher_state_dict(checkpoint_format: str, directory: str) -> dict:
@@ -41,4 +47,4 @@ def read_teacher_state_dict(checkpoint_format: str, directory: str) -> dict:
     return _load(TEACHER_READERS[checkpoint_format])(directory)
 
 
-__all__ = ["Engine", "ENGINES", "build_engine", "read_teacher_state_dict"]
+__all__ = ["Engine", "ENGINES", "build_engine", "engine_class", "read_teacher_state_dict"]

@@ -17,6 +17,9 @@ Contracts:
 - `step(lr, wd)`: clip, optimiser step with these hyper-parameters, zero the gradients. Returns
   a dict of device tensors (at least `grad_norm`, the norm before clipping); it never reads a
   value back to the host and synchronises only through collectives of the group.
+- `step_applied()`: a host bool, whether the last `step` updated the student; False after a step
+  that an overflow check skipped (DeepSpeed's fp16/bf16), and then the loop moves neither the
+  teacher nor the memory. Engines that do not know it on the host without a sync return True.
 - `update_teacher(teacher_momentum)`: teacher = m * teacher + (1 - m) * student on the fp32
   master weights, on each rank's local parameters or shards, with no host synchronisation.
 - `teacher_backbone()`: a context manager giving the teacher's backbone as a module that maps
@@ -70,6 +73,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def step(self, lr: float, wd: float) -> dict: ...
+
+    def step_applied(self) -> bool:
+        return True
 
     @abc.abstractmethod
     def update_teacher(self, teacher_momentum: float) -> None: ...

@@ -1,0 +1,245 @@
+"""The deepspeed engine (ZeRO 1, 2, 3) through the real training loop on gloo CPU processes.
+
+One pair of processes (W=2) trains, one after the other, ddp and ZeRO 1, 2, 3 with per-parameter
+clipping, the same with global clipping, and ZeRO-3 with activation checkpointing (tiny ViT,
+fp32, SGD, BatchNorm head, clipping active at every step; two runs with the example
+configs/deepspeed/zero{2,3}.json), and ZeRO-3 with AdamW; the tests of this module share them:
+- every ZeRO stage gives ddp's losses step by step and ddp's teacher weights, in both clip modes,
+  and ZeRO-3 gives the same losses with and without activation checkpointing;
+- a ZeRO-3 W=2 AdamW checkpoint resumes at W=1 and W=4 (DeepSpeed's universal conversion) with the
+  W=2 teacher's features and memory, and training on gives the W=2 run's next loss; at W=4
+  (parameters split unevenly) the engine's clipping of the gradient fragments matches clipping
+  the full gradients in float64;
+- its teacher, read without a process group, loads strictly into timm with the ZeRO-3 teacher's
+  features;
+- an SGD checkpoint (its momentum is not in DeepSpeed's universal format) at another world size
+  is refused with what to do.
+A separate one-rank bf16 run checks that a step DeepSpeed skips (non-finite gradient) is counted
+and moves neither student, teacher nor memory.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from safetensors.torch import load_file
+
+from massl.checkpoint.reader import read_teacher_state_dict
+from massl.config import ConfigError, config_from_dict
+from massl.dist import init_distributed
+from massl.engines import build_engine
+from massl.export import export_teacher
+from massl.memory import MemoryBank
+from massl.models import build_student_teacher
+from massl.optim import clip_grads_
+from massl.train import train, train_step
+from tests.distributed import run_ranks
+from tests.engines_common import build_and_load, losses, step_dir, teacher_features, tiny_config, write_images
+
+pytest.importorskip("deepspeed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = 1e-5  # as tests/test_engines_distributed.py: losses differ by ~1e-6 relative (reduction order)
+ATOL = 1e-5  # teacher weights: moved by more than 1e-3, differ by rounding only
+FEATURE_TOL = 1e-5
+STAGES = (1, 2, 3)
+MODES = ("per_param", "global")
+ADAMW = {"optim": {"name": "adamw", "lr": 0.05}}
+
+
+def _train_all(rank, world, configs: dict, features_of: str, checkpoint: str, images):
+    """Train every config in turn in these processes, then the features of one run's checkpoint."""
+    for cfg in configs.values():
+        train(config_from_dict(cfg))
+    return teacher_features(*build_and_load(configs[features_of], checkpoint), images)
+
+
+def _clip_error(engine, images, mode: str) -> float:
+    """Max relative deviation of the engine's clipping of its gradient fragments from clipping the
+    full averaged gradients (DeepSpeed's gathered reference, safe_get_full_grad) in float64."""
+    from deepspeed.utils import safe_get_full_grad
+
+    params = engine.partitions.student
+    engine.ds.backward(engine.ds([images, images.flip(-1)]).square().sum())
+    full = [safe_get_full_grad(p).double() for p in params]
+    norms = torch.stack([g.norm() for g in full])
+    max_norm = float(norms.median())  # clips about half of the parameters one by one
+    if mode == "per_param":
+        expected = [g * min(1.0, max_norm / (float(n) + 1e-6)) for g, n in zip(full, norms)]
+    else:
+        max_norm = float(norms.norm()) / 2
+        expected = [g * min(1.0, max_norm / (float(norms.norm()) + 1e-6)) for g in full]
+    total = clip_grads_(engine.partitions.grad_fragments(), max_norm, mode, engine.group)
+    got = [safe_get_full_grad(p).double() for p in params]
+    engine.ds.optimizer.zero_grad(set_to_none=True)
+    errors = [float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(got, expected)]
+    return max(errors + [abs(float(total) / float(norms.norm()) - 1)])
+
+
+def _resume_elsewhere(rank, world, cfg_dict, checkpoint, images):
+    engine, memory = build_and_load(cfg_dict, checkpoint)
+    result = teacher_features(engine, memory, images)
+    if world > 1:
+        result["clip_error"] = {m: _clip_error(engine, images, m) for m in MODES}
+    train(config_from_dict(cfg_dict))
+    return result
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(123))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, images):
+    root = tmp_path_factory.mktemp("deepspeed")
+    data = write_images(str(root / "images"))
+    configs = {}
+    for mode in MODES:
+        optim = {"clip_mode": mode}
+        configs[f"ddp_{mode}"] = tiny_config(data, str(root / f"ddp_{mode}"), "ddp", 2, optim=optim)
+        for stage in STAGES:
+            configs[f"zero{stage}_{mode}"] = tiny_config(data, str(root / f"zero{stage}_{mode}"), "deepspeed", 2,
+                                                         optim=optim, engine={"zero_stage": stage})
+    configs["zero3_ac"] = tiny_config(data, str(root / "zero3_ac"), "deepspeed", 2,
+                                      engine={"zero_stage": 3, "activation_checkpointing": "full"})
+    # the example ds_config files, merged into massl's (DeepSpeed's options do not change the result)
+    for name, stage in (("zero3_ac", 3), ("zero2_global", 2)):
+        configs[name]["engine"]["deepspeed_config"] = os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.json")
+    # DeepSpeed's universal checkpoints (another world size) carry Adam's state only
+    configs["zero3_adamw"] = tiny_config(data, str(root / "zero3_adamw"), "deepspeed", 2, **ADAMW,
+                                         engine={"zero_stage": 3})
+    for name, cfg in configs.items():
+        cfg["run"]["checkpoint_every"] = 4 if name == "zero3_adamw" else 1000  # and at the last step
+    features = run_ranks(_train_all, 2, configs, "zero3_adamw", step_dir(configs["zero3_adamw"]["run"]["output_dir"], 4),
+                         images)[0]
+    return {"data": data, "root": root, "configs": configs, "zero3_features": features}
+
+
+def _out(runs, name: str) -> str:
+    return runs["configs"][name]["run"]["output_dir"]
+
+
+def _assert_losses_match(got: dict, ref: dict, steps, what: str):
+    for s in steps:
+        assert abs(got[s] - ref[s]) <= RTOL * abs(ref[s]), f"{what} step {s}: {got[s]} vs {ref[s]}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_stages_give_ddp_losses_and_teacher(runs, mode):
+    ref = losses(_out(runs, f"ddp_{mode}"))
+    assert sorted(ref) == [1, 2, 3, 4, 5]
+    assert abs(ref[5] - ref[1]) > 100 * RTOL * ref[1]  # the run moves: agreement is not trivial
+    ref_teacher = read_teacher_state_dict(step_dir(_out(runs, f"ddp_{mode}"), 5))
+    torch.manual_seed(0)  # the runs' seed: their initial teacher
+    initial = build_student_teacher(config_from_dict(runs["configs"][f"ddp_{mode}"]))[1].state_dict()
+    assert max(float((ref_teacher[k] - initial[k]).abs().max()) for k in initial) > 1e-3
+    for stage in STAGES:
+        name = f"zero{stage}_{mode}"
+        _assert_losses_match(losses(_out(runs, name)), ref, range(1, 6), name)
+        teacher = read_teacher_state_dict(step_dir(_out(runs, name), 5))
+        assert sorted(teacher) == sorted(ref_teacher)
+        for key, want in ref_teacher.items():
+            assert teacher[key].dtype == want.dtype, f"{name} teacher {key}"
+            torch.testing.assert_close(teacher[key], want, rtol=RTOL, atol=ATOL, msg=f"{name} teacher {key}")
+
+
+def test_zero3_activation_checkpointing_gives_the_same_losses(runs):
+    _assert_losses_match(losses(_out(runs, "zero3_ac")), losses(_out(runs, "zero3_per_param")), range(1, 6), "zero3_ac")
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_zero3_checkpoint_resumes_at_another_world_size(runs, images, world):
+    source = step_dir(_out(runs, "zero3_adamw"), 4)
+    cfg = tiny_config(runs["data"], str(runs["root"] / f"zero3_w{world}"), "deepspeed", world, **ADAMW,
+                      run={"resume": source}, engine={"zero_stage": 3})
+    got = run_ranks(_resume_elsewhere, world, cfg, source, images)[0]
+    ref = runs["zero3_features"]
+    np.testing.assert_array_equal(got["memory"], ref["memory"])
+    assert got["ptr"] == ref["ptr"]
+    for key in ("backbone", "head"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=FEATURE_TOL, atol=FEATURE_TOL)
+    if world > 1:
+        for mode, err in got["clip_error"].items():
+            assert err < 1e-5, f"{mode} clipping of ZeRO-3 gradient fragments is off by {err}"
+    resumed = losses(cfg["run"]["output_dir"])
+    assert sorted(resumed) == [5]
+    _assert_losses_match(resumed, losses(_out(runs, "zero3_adamw")), [5], f"W={world}")
+
+
+def _resume(rank, world, cfg_dict):
+    try:
+        train(config_from_dict(cfg_dict))
+    except ConfigError as e:
+        return str(e)
+    return "resumed"
+
+
+def test_another_world_size_without_adam_state_is_refused(runs):
+    """DeepSpeed's universal conversion keeps only Adam's state: an SGD checkpoint (momentum) at
+    another world size is refused, saying what to do, before the optimiser is touched."""
+    source = step_dir(_out(runs, "zero3_per_param"), 5)
+    cfg = tiny_config(runs["data"], str(runs["root"] / "sgd_w1"), "deepspeed", 1, run={"resume": source},
+                      engine={"zero_stage": 3})
+    message = run_ranks(_resume, 1, cfg)[0]
+    assert message.startswith("run.resume: ") and "2 ranks" in message and "optim.name=adamw" in message, message
+
+
+def test_exported_zero3_teacher_loads_strictly_into_timm(runs, images, tmp_path):
+    """massl-export's code path, in this process (no process group, no DeepSpeed needed to read)."""
+    out = str(tmp_path / "teacher.safetensors")
+    spec = export_teacher(step_dir(_out(runs, "zero3_adamw"), 4), out)
+    model = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+    model.load_state_dict(load_file(out), strict=True)
+    with torch.no_grad():
+        feats = model.eval()(images)
+    np.testing.assert_allclose(feats.numpy(), runs["zero3_features"]["backbone"], rtol=FEATURE_TOL, atol=FEATURE_TOL)
+
+
+def _overflow_then_normal_step(rank, world, cfg_dict):
+    """A bf16 step with a non-finite gradient (a NaN pixel), then a normal one: what each changed."""
+    cfg = config_from_dict(cfg_dict)
+    env = init_distributed(cfg.run.device)
+    torch.manual_seed(0)
+    engine = build_engine(cfg, env, *build_student_teacher(cfg))
+    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group, device=env.device)
+    h = {"lr": 0.01, "wd": 0.04, "teacher_momentum": 0.9, "teacher_temp": 0.07}
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(cfg.data.batch_size, 3, s, s, generator=g) for s in (32, 32, 16, 16)]
+
+    def snapshot():  # the teacher's weights (its BatchNorm statistics follow every forward, as in any engine)
+        weights = {n for n, _ in engine.teacher_module.named_parameters()}
+        return ({k: v.clone() for k, v in engine.partitions.full_state_dict().items() if k in weights},
+                [m.clone() for m in engine.partitions.masters()], memory.bank.clone(), memory.ptr)
+
+    states, skipped, applied = [snapshot()], [], []
+    for step, poison in enumerate((True, False)):
+        batch = [c.clone() for c in crops]
+        if poison:
+            batch[0][0, 0, 0, 0] = float("nan")
+        out = train_step(engine, memory, batch, cfg, step, h, env.group)
+        skipped.append(float(out["skipped_steps"]))
+        applied.append(engine.step_applied())
+        states.append(snapshot())
+    moved = []
+    for before, after in zip(states[:-1], states[1:]):
+        moved.append({
+            "teacher": any(not torch.equal(before[0][k], after[0][k]) for k in before[0]),
+            "student": any(not torch.equal(a, b) for a, b in zip(before[1], after[1])),
+            "memory": not torch.equal(before[2], after[2]) or before[3] != after[3]})
+    return {"skipped": skipped, "applied": applied, "moved": moved}
+
+
+def test_a_skipped_bf16_step_moves_neither_teacher_nor_memory(tmp_path):
+    """DeepSpeed skips a bf16 step whose gradient is not finite (check_grad_overflow): the step is
+    counted, and the student, the teacher and the memory stay as they were; the next step moves all three."""
+    cfg = tiny_config(str(tmp_path), str(tmp_path / "bf16"), "deepspeed", 1, run={"precision": "bf16"},
+                      **ADAMW, engine={"zero_stage": 2})
+    got = run_ranks(_overflow_then_normal_step, 1, cfg)[0]
+    assert got["skipped"] == [1.0, 1.0] and got["applied"] == [False, True]
+    assert got["moved"][0] == {"teacher": False, "student": False, "memory": False}
+    assert got["moved"][1] == {"teacher": True, "student": True, "memory": True}
