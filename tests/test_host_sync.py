@@ -14,11 +14,15 @@ The optimiser is configured as on the GPU: massl builds AdamW fused on every dev
 single-tensor AdamW reads two step counters per parameter and step instead (312 reads for a
 ViT-S/16 step; `test_counter_sees_host_reads` shows the counter reporting them).
 
-Engines: single (W=1), ddp and fsdp (W=2); add an engine here when it lands (deepspeed).
+Engines: single (W=1), ddp, fsdp and deepspeed ZeRO 1, 2, 3 (W=2). ZeRO-3 is the one exception,
+pinned here: DeepSpeed's own stage-3 `step` reads its gradient-norm overflow flag once per step,
+and during its first steps (while it records the parameter-fetch trace) its coordinator checks
+that every rank agrees, with hundreds of reads; the counted step comes after that.
 The same check runs on CUDA in tests/test_gpu.py.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from massl.config import Config
@@ -56,8 +60,8 @@ def tiny_config(engine: str, device: str = "cpu", precision: str = "fp32", **ove
     return cfg
 
 
-def count_loop_step(cfg: Config, env: DistEnv, setup=None, extra=None) -> dict:
-    """Build the run's engine and memory, take one step, then count the second one. `setup(engine)`
+def count_loop_step(cfg: Config, env: DistEnv, setup=None, extra=None, steps: int = 2) -> dict:
+    """Build the run's engine and memory, take `steps` steps and count the last one. `setup(engine)`
     runs after building, `extra(out)` inside the counted step after train_step (to plant host reads)."""
     torch.manual_seed(0)
     engine = build_engine(cfg, env, *build_student_teacher(cfg))
@@ -69,7 +73,7 @@ def count_loop_step(cfg: Config, env: DistEnv, setup=None, extra=None) -> dict:
     sizes = [cfg.data.global_crop_size] * 2 + [cfg.data.local_crop_size] * cfg.data.local_crops_number
     crops = [torch.randn(cfg.data.batch_size, 3, s, s, generator=g).to(env.device) for s in sizes]
     window = StepWindow(env.device)
-    for step in range(2):
+    for step in range(steps):
         with OpCounter() as counter:
             out = train_step(engine, memory, crops, cfg, step, HPARAMS, env.group)
             window.add(step, out, 0)
@@ -104,6 +108,26 @@ def test_parallel_engines_step_has_no_host_sync():
         assert sorted(results) == [(e, i) for e in PARALLEL_ENGINES for i in range(len(VARIANTS))]
         for (engine, i), result in results.items():
             assert_no_host_sync(result, f"{engine} rank {rank} {VARIANTS[i]}")
+
+
+def _deepspeed_ranks(rank, world):
+    env = DistEnv(rank=rank, world_size=world, device=torch.device("cpu"), group=torch.distributed.group.WORLD)
+    settings = [(1, 0), (2, 0), (2, 1), (3, 0)]  # (ZeRO stage, variant)
+    return {(stage, i): count_loop_step(tiny_config("deepspeed", **VARIANTS[i], **{"engine.zero_stage": stage}), env,
+                                        steps=5)
+            for stage, i in settings}
+
+
+def test_deepspeed_step_has_no_host_sync_but_zero3s_own():
+    pytest.importorskip("deepspeed")
+    for rank, results in enumerate(run_ranks(_deepspeed_ranks, 2, timeout=900)):
+        for (stage, i), result in results.items():
+            what = f"deepspeed ZeRO-{stage} rank {rank} {VARIANTS[i]}"
+            if stage < 3:
+                assert_no_host_sync(result, what)
+            else:
+                assert result["host_reads_by_kind"] == {"aten._local_scalar_dense": 1}, (what, result)
+                assert result["dynamic_shape_ops"] == 0, (what, result)
 
 
 def test_counter_sees_host_reads():

@@ -118,8 +118,7 @@ class DeepSpeedEngine(Engine):
 
     def _initialize(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
         """The parallel wrapper (wrapping.py's last step): DeepSpeed engines and the teacher's layout."""
-        fused = self.env.device.type == "cuda" and self.cfg.optim.name == "adamw"
-        optimizer = build_optimizer(self.cfg.optim, param_groups(student), fused=fused)
+        optimizer = build_optimizer(self.cfg.optim, param_groups(student))  # AdamW fused, as the other engines
         if self.dtype != torch.float32:  # DeepSpeed casts the weights only; BatchNorm needs its statistics alike
             for model in (student, teacher):
                 for b in model.buffers():
