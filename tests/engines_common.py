@@ -17,6 +17,7 @@ from massl.dist import init_distributed
 from massl.engines import build_engine
 from massl.memory import MemoryBank
 from massl.models import build_student_teacher
+from massl.train import train
 from massl.trainer_state import TrainerState
 
 N_IMAGES = 24  # 3 global batches of 8: five steps cross an epoch boundary
@@ -97,3 +98,35 @@ def teacher_features(engine, memory, images):
     hook.remove()
     return {"backbone": captured["backbone"].numpy(), "head": head.numpy(),
             "memory": memory.full_state_dict()["bank"].numpy(), "ptr": memory.ptr}
+
+
+def clip_error(mode: str, full_grads, clip) -> float:
+    """Max relative deviation of an engine's sharded gradient clipping from clipping the full
+    averaged gradients in float64. `full_grads()` gathers the gradients (after a backward);
+    `clip(max_norm)` runs the engine's clipping on its local fragments and returns the total norm.
+    per_param clips at the median norm (about half of the parameters, one by one), global at half
+    the total norm."""
+    full = [g.double() for g in full_grads()]
+    norms = torch.stack([g.norm() for g in full])
+    total = float(norms.norm())
+    if mode == "per_param":
+        max_norm = float(norms.median())
+        expected = [g * min(1.0, max_norm / (float(n) + 1e-6)) for g, n in zip(full, norms)]
+    else:
+        max_norm = total / 2
+        expected = [g * min(1.0, max_norm / (total + 1e-6)) for g in full]
+    clipped_total = float(clip(max_norm))
+    got = [g.double() for g in full_grads()]
+    errors = [float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(got, expected)]
+    return max(errors + [abs(clipped_total / total - 1)])
+
+
+def resume_elsewhere(rank, world, cfg_dict, checkpoint, images, engine_clip_error, modes):
+    """In a run_ranks process: load `checkpoint` at this world size, the teacher's features, the
+    clipping error per mode (world > 1), then train on to the end of the config's run."""
+    engine, memory = build_and_load(cfg_dict, checkpoint)
+    result = teacher_features(engine, memory, images)
+    if world > 1:
+        result["clip_error"] = {m: engine_clip_error(engine, images, m) for m in modes}
+    train(config_from_dict(cfg_dict))
+    return result

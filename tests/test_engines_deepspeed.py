@@ -38,7 +38,8 @@ from massl.models import build_student_teacher
 from massl.optim import clip_grads_
 from massl.train import train, train_step
 from tests.distributed import run_ranks
-from tests.engines_common import build_and_load, losses, step_dir, teacher_features, tiny_config, write_images
+from tests.engines_common import (build_and_load, clip_error, losses, resume_elsewhere, step_dir, teacher_features,
+                                  tiny_config, write_images)
 
 pytest.importorskip("deepspeed")
 
@@ -59,34 +60,15 @@ def _train_all(rank, world, configs: dict, features_of: str, checkpoint: str, im
 
 
 def _clip_error(engine, images, mode: str) -> float:
-    """Max relative deviation of the engine's clipping of its gradient fragments from clipping the
-    full averaged gradients (DeepSpeed's gathered reference, safe_get_full_grad) in float64."""
+    """The engine's clipping of its gradient fragments against DeepSpeed's gathered gradients
+    (safe_get_full_grad) clipped in float64."""
     from deepspeed.utils import safe_get_full_grad
 
-    params = engine.partitions.student
     engine.ds.backward(engine.ds([images, images.flip(-1)]).square().sum())
-    full = [safe_get_full_grad(p).double() for p in params]
-    norms = torch.stack([g.norm() for g in full])
-    max_norm = float(norms.median())  # clips about half of the parameters one by one
-    if mode == "per_param":
-        expected = [g * min(1.0, max_norm / (float(n) + 1e-6)) for g, n in zip(full, norms)]
-    else:
-        max_norm = float(norms.norm()) / 2
-        expected = [g * min(1.0, max_norm / (float(norms.norm()) + 1e-6)) for g in full]
-    total = clip_grads_(engine.partitions.grad_fragments(), max_norm, mode, engine.group)
-    got = [safe_get_full_grad(p).double() for p in params]
+    error = clip_error(mode, lambda: [safe_get_full_grad(p) for p in engine.partitions.student],
+                       lambda max_norm: clip_grads_(engine.partitions.grad_fragments(), max_norm, mode, engine.group))
     engine.ds.optimizer.zero_grad(set_to_none=True)
-    errors = [float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(got, expected)]
-    return max(errors + [abs(float(total) / float(norms.norm()) - 1)])
-
-
-def _resume_elsewhere(rank, world, cfg_dict, checkpoint, images):
-    engine, memory = build_and_load(cfg_dict, checkpoint)
-    result = teacher_features(engine, memory, images)
-    if world > 1:
-        result["clip_error"] = {m: _clip_error(engine, images, m) for m in MODES}
-    train(config_from_dict(cfg_dict))
-    return result
+    return error
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +139,7 @@ def test_zero3_checkpoint_resumes_at_another_world_size(runs, images, world):
     source = step_dir(_out(runs, "zero3_adamw"), 4)
     cfg = tiny_config(runs["data"], str(runs["root"] / f"zero3_w{world}"), "deepspeed", world, **ADAMW,
                       run={"resume": source}, engine={"zero_stage": 3})
-    got = run_ranks(_resume_elsewhere, world, cfg, source, images)[0]
+    got = run_ranks(resume_elsewhere, world, cfg, source, images, _clip_error, MODES)[0]
     ref = runs["zero3_features"]
     np.testing.assert_array_equal(got["memory"], ref["memory"])
     assert got["ptr"] == ref["ptr"]

@@ -24,7 +24,8 @@ from massl.models import backbone_spec, build_student_teacher
 from massl.optim import clip_grads_
 from massl.train import train
 from tests.distributed import run_ranks
-from tests.engines_common import build_and_load, losses, step_dir, teacher_features, tiny_config, write_images
+from tests.engines_common import (build_and_load, clip_error, losses, resume_elsewhere, step_dir, teacher_features,
+                                  tiny_config, write_images)
 
 RTOL = 1e-5  # losses of the engines differ by ~1e-6 relative here (reduction order): 10x margin
 # Teacher weights differ by ~6e-7 absolute here, and moved by more than 1e-3: a wrong gradient
@@ -43,32 +44,14 @@ def _fsdp_train_then_features(rank, world, cfg_dict, checkpoint, images):
 
 
 def _clip_error(engine, images, mode: str) -> float:
-    """Max relative deviation of the engine's sharded clipping from clipping the full gradients in float64."""
+    """The fsdp engine's clipping of its local shards against the full gradients clipped in float64."""
     engine.student.train()
     engine.optimizer.zero_grad(set_to_none=True)
     engine.student([images, images.flip(-1)]).square().sum().backward()
-    full = [p.grad.full_tensor().double() for p in engine.student.parameters()]
-    norms = torch.stack([g.norm() for g in full])
-    max_norm = float(norms.median())  # clips about half of the parameters one by one
-    if mode == "per_param":
-        expected = [g * min(1.0, max_norm / (float(n) + 1e-6)) for g, n in zip(full, norms)]
-    else:
-        max_norm = float(norms.norm()) / 2
-        expected = [g * min(1.0, max_norm / (float(norms.norm()) + 1e-6)) for g in full]
-    total = clip_grads_(engine.local_grads(), max_norm, mode, engine.grad_group)
-    got = [p.grad.full_tensor().double() for p in engine.student.parameters()]
+    error = clip_error(mode, lambda: [p.grad.full_tensor() for p in engine.student.parameters()],
+                       lambda max_norm: clip_grads_(engine.local_grads(), max_norm, mode, engine.grad_group))
     engine.optimizer.zero_grad(set_to_none=True)
-    errors = [float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(got, expected)]
-    return max(errors + [abs(float(total) / float(norms.norm()) - 1)])
-
-
-def _fsdp_resume_elsewhere(rank, world, cfg_dict, checkpoint, images):
-    engine, memory = build_and_load(cfg_dict, checkpoint)
-    result = teacher_features(engine, memory, images)
-    if world > 1:
-        result["clip_error"] = {m: _clip_error(engine, images, m) for m in ("per_param", "global")}
-    train(config_from_dict(cfg_dict))
-    return result
+    return error
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +105,8 @@ def test_engines_give_the_same_losses_and_teacher(runs):
 def test_fsdp_checkpoint_resumes_at_another_world_size(runs, images, world):
     cfg = tiny_config(runs["data"], str(runs["root"] / f"fsdp_w{world}"), "fsdp", world,
                       run={"resume": step_dir(runs["out"]["fsdp"], 4)})
-    got = run_ranks(_fsdp_resume_elsewhere, world, cfg, step_dir(runs["out"]["fsdp"], 4), images)[0]
+    got = run_ranks(resume_elsewhere, world, cfg, step_dir(runs["out"]["fsdp"], 4), images, _clip_error,
+                    ("per_param", "global"))[0]
     ref = runs["fsdp_features"]
     np.testing.assert_array_equal(got["memory"], ref["memory"])
     assert got["ptr"] == ref["ptr"]
