@@ -1,7 +1,10 @@
 """A short MaSSL run on the real digits lowers the loss and beats random initialisation on k-NN.
 
-About 80 s on one CPU core: 600 steps of the quickstart recipe with a smaller memory that the
-model's own embeddings fill after 32 steps, so the loss is comparable from then on.
+600 steps of the quickstart recipe with a smaller memory that the model's own embeddings fill
+after 32 steps, so the loss is comparable from then on. One compute thread: about 80 s on a 2-core
+AMD EPYC VM, 200 s on a 2-core Xeon @ 2.00GHz (the slowest test of the suite there; a data worker
+saves only 5%). Measured there: k-NN 0.646 trained vs 0.438 random init, mean loss 5.19 at steps
+100-200 and 4.88 after 500, so both margins below (0.08, 0.1) hold with room.
 """
 import json
 import os
