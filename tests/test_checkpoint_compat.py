@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from massl.config import config_from_dict
@@ -83,14 +84,14 @@ def _teacher_backbone_as_written(engine: str, directory: str) -> dict:
 
 
 @pytest.mark.parametrize("engine", ["single", "fsdp"])
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the reference read, in one process on purpose
 def test_old_checkpoint_exports_the_teacher(engine, tmp_path):
     directory = _copy(engine, tmp_path)
     out = str(tmp_path / "teacher.safetensors")
     export_teacher(directory, out, trust_checkpoint=True)  # no teacher.safetensors: the old pickles
-    spec = json.load(open(out + ".json"))
+    with open(out + ".json") as f:
+        spec = json.load(f)
     model = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
-    from safetensors.torch import load_file
-
     exported = load_file(out)
     model.load_state_dict(exported, strict=True)
     written = _teacher_backbone_as_written(engine, directory)
