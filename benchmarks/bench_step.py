@@ -15,7 +15,8 @@ with a reference measured in the same run: the first setting of the same archite
 `--count-ops` counts instead the aten operators one step dispatches (massl.opcount: the
 CPU-measurable proxy for kernel launches) and its host syncs, per engine, by default at the
 shapes of the published step's count (ViT-S/16, batch 8, 2x64 + 10x32 px, K=131072, P=16384, fp32
-on the CPU), and runs `../shared/tools/count_published_ops.py` (the published code's step, a
+on the CPU), and runs the published code's op counter (`--published-ops-script`, default
+`.ref/count_published_ops.py`: a script beside the published MaSSL code, not part of massl; a
 reference measured in the same run, never imported) at the same shapes for the ratio:
 
     python benchmarks/bench_step.py --count-ops --out ops.json [--published-ops-script PATH]
@@ -47,7 +48,7 @@ from massl.train import train_step  # noqa: E402
 
 HPARAMS = {"lr": 1e-4, "wd": 0.04, "teacher_momentum": 0.996, "teacher_temp": 0.07}  # fixed: no schedules here
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLISHED_OPS_SCRIPT = os.path.join(os.path.dirname(ROOT), "shared", "tools", "count_published_ops.py")
+PUBLISHED_OPS_SCRIPT = os.path.join(ROOT, ".ref", "count_published_ops.py")
 FLOPS_PER_IMAGE: dict = {}  # arch -> model FLOPs per image of one step (massl.flops), counted once
 
 
@@ -191,7 +192,7 @@ def table(rows: list[dict]) -> str:
 
 
 # Settings whose default depends on the mode: timing on the device, or --count-ops on the CPU
-# at the shapes of ../shared/tools/count_published_ops.py.
+# at the shapes of the published step's op count.
 MODE_DEFAULTS = {
     "archs": (["vit_small", "vit_base"], ["vit_small"]),
     "engines": (["single", "fsdp"], ["single", "ddp", "fsdp"]),
@@ -232,7 +233,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="JSON results (default bench_step.json; --count-ops: bench_step_ops.json)")
     p.add_argument("--count-ops", action="store_true", help="count aten ops and host syncs per step instead of timing")
     p.add_argument("--published-ops-script", default=PUBLISHED_OPS_SCRIPT,
-                   help="the published step's op counter (default ../shared/tools/count_published_ops.py)")
+                   help="the published step's op counter (default .ref/count_published_ops.py)")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny custom ViT, 2x32 + 2x16 px crops, K=256, batch 4, 2 steps, CPU fp32")
     args = p.parse_args(argv)

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One device call (under 9 minutes) on a GPU machine: the CUDA tests, the published MaSSL step
-# (../shared/gpu/bench_published_step.py) and massl's step side by side on the same card, the
-# loss path alone, and one table of every row's images/s and peak memory as a ratio to the
-# published step's (benchmarks/gpu_table.py). Results under $OUT.
+# One call (under 9 minutes) on a GPU machine: the CUDA tests, the published MaSSL step and
+# massl's step side by side on the same card, the loss path alone, and one table of every row's
+# images/s and peak memory as a ratio to the published step's (benchmarks/gpu_table.py). Results
+# under $OUT.
 #
-# Prepare here, in the repository root, before the call. The device tool sends only this
-# repository (not ../shared beside it), so the published step travels in .ref/ (git-ignored):
-#   mkdir -p .ref && cp -r ../shared/gpu/bench_published_step.py ../shared/gpu/published .ref/
-#   bash ../shared/gpu/fetch_wheels.sh          # .whl/: webdataset and deepspeed for the GPU image
-# Then, with the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".ref", ".whl"], timeout_s=570)
+# The published step is timed by a benchmark of the published MaSSL code that is not part of
+# massl: PUBLISHED_DIR (default .ref, git-ignored) holds `bench_published_step.py`, which imports
+# the published code beside it and writes the JSON rows benchmarks/gpu_table.py reads. Without it
+# the table has no published rows and the ratios are left out. On a machine without a package
+# index, put the wheels of webdataset and deepspeed in .whl/ (installed first):
+#   PUBLISHED_DIR=/path/to/published OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # What comes back under $OUT: gpu_check.log (everything printed), published.json (the published
 # step), massl.json (massl's rows, the loss path, the merged table rows), table.md (the table,
 # also the last lines printed).
@@ -59,10 +59,11 @@ if [ "${1:-step}" = extra ]; then
   exit 0
 fi
 part 75 "CUDA tests" python3 -m pytest -q tests/test_gpu.py
-if [ -f .ref/bench_published_step.py ]; then
-  part 195 "published step" python3 .ref/bench_published_step.py "$OUT/published.json"
+PUBLISHED_DIR=${PUBLISHED_DIR:-.ref}
+if [ -f "$PUBLISHED_DIR/bench_published_step.py" ]; then
+  part 195 "published step" python3 "$PUBLISHED_DIR/bench_published_step.py" "$OUT/published.json"
 else
-  echo "=== published step: .ref/bench_published_step.py missing (see this script's header)" | tee -a "$LOG"
+  echo "=== published step: $PUBLISHED_DIR/bench_published_step.py missing (see this script's header)" | tee -a "$LOG"
 fi
 STEP=(python3 benchmarks/bench_step.py --steps 8 --warmup 3)
 part 50 "massl step, ViT-S/16, batch 128" "${STEP[@]}" --archs vit_small --batch 128 --engines single fsdp \

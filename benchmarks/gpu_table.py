@@ -3,7 +3,7 @@ to the published step's at the same architecture and batch, measured in the same
 
     python3 benchmarks/gpu_table.py PUBLISHED_JSON STEP_JSON... [--loss LOSS_JSON...] [--out OUT_JSON] [--md OUT_MD]
 
-PUBLISHED_JSON is what ../shared/gpu/bench_published_step.py writes (rows: impl seed = the
+PUBLISHED_JSON is what the published step's benchmark writes ($PUBLISHED_DIR/bench_published_step.py, see gpu_check.sh) (rows: impl seed = the
 published step, lean = a timm bf16 backbone step without memory or loss); STEP_JSON what
 benchmarks/bench_step.py writes (any engine: deepspeed rows included); LOSS_JSON what
 benchmarks/bench_memory.py --device cuda writes (the loss path alone, shown as a share of the

@@ -1,6 +1,6 @@
 """Write scikit-learn's handwritten digits (1797 real 8x8 images) as train/val image folders.
 
-Split of docs/anchors: numpy RandomState(0).permutation(1797), first 1297 train, last 500 val.
+Split: numpy RandomState(0).permutation(1797), first 1297 train, last 500 val.
     python -m data_tools.digits --out data/digits     # -> data/digits/{train,val}/<label>/<index>.png
 """
 from __future__ import annotations

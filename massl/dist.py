@@ -158,7 +158,7 @@ class _GatherRowsWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums every rank's gradient for our rows.
 
     Written here rather than using torch.distributed.nn.functional.all_gather, whose backward
-    gives wrong gradients when the incoming gradient is non-contiguous (pitfalls.md #1): we make
+    gives wrong gradients when the incoming gradient is non-contiguous (seen with gloo): we make
     it contiguous before the reduce-scatter. The sum is right because each rank's loss carries
     only its own part of the global loss' gradient (see loss.py).
     """

@@ -19,7 +19,7 @@ least one launch). A host synchronisation on a GPU is any op that needs a value 
 
 Only the ops the code dispatches are seen (not those a kernel runs internally: a fused optimiser's
 step counter stays inside its kernel), as with the published step's count
-(`../shared/tools/count_published_ops.py`).
+(benchmarks/bench_step.py --count-ops).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loop: the same for every engine and data source (architecture.md's data flow).
+"""The training loop: the same for every engine and data source (docs/architecture.md).
 
 `train` builds the run's components (`build_run`), resumes them, then runs the loop; one step is
 `train_step`. Logging and checkpoints are the named helpers below the loop.

@@ -30,7 +30,7 @@ BASE = {
               "head_hidden_dim": 64, "head_bottleneck_dim": 32, "head_use_bn": True},
     "memory": {"size": 64, "partition_size": 32},
     "loss": {"warmup_teacher_temp_epochs": 1},
-    # SGD: exact enough to compare engines step by step (pitfalls.md #8); the per-parameter
+    # SGD: exact enough to compare engines step by step (AdamW amplifies rounding in near-zero gradients); the per-parameter
     # clip (0.5, gradient norms are ~30) is active on every step.
     "optim": {"name": "sgd", "epochs": 4, "lr": 0.5, "min_lr": 0.0, "warmup_epochs": 0, "clip_grad": 0.5,
               "clip_mode": "per_param", "teacher_momentum": 0.9},

@@ -1,5 +1,5 @@
 """Every user error is one line `error: <what>: <why, what to do>` and exit status 2, on
-massl-train, massl-export and massl-shard (issue 14, item 7). Before, each case below printed a
+massl-train, massl-export and massl-shard. Before, each case below printed a
 traceback (exit 1), or in massl-shard's case another format."""
 from __future__ import annotations
 

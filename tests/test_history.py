@@ -1,4 +1,4 @@
-"""A run directory keeps one history (issue 14): checkpoints of another history are never deleted
+"""A run directory keeps one history checkpoints of another history are never deleted
 or silently resumed (item 2), a damaged checkpoint is detected by its checksums (item 4), a resume
 refuses settings that cannot continue the checkpoint (item 6), and metrics.jsonl logs each step
 once after a crash-resume, flushed record by record (item 11). References: an uninterrupted run of

@@ -1,5 +1,5 @@
 """Images of every PIL mode become the pixels a person sees, the same in training, evaluation and
-massl-shard (issue 14, item 5). References are numpy formulas written here, not massl's code."""
+massl-shard. References are numpy formulas written here, not massl's code."""
 from __future__ import annotations
 
 import io

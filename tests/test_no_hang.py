@@ -1,4 +1,4 @@
-"""A process never outlives its error (issue 14, item 1): an error in a data loader (worker or
+"""A process never outlives its error: an error in a data loader (worker or
 not) ends every rank with a non-zero exit within seconds, leaving no process behind.
 
 The runs are real `python -m massl.cli` processes, started as srun starts tasks (RANK and

@@ -1,4 +1,4 @@
-"""The memory sharded across ranks (issue 3) against single-process references, on real gloo processes.
+"""The memory sharded across ranks against single-process references, on real gloo processes.
 
 One spawn per world size W in {1, 2, 4} runs every scenario below and returns its results; the
 tests compare them, in this process, to float64 references that never call `massl_loss`:
@@ -134,7 +134,7 @@ def _gather_inputs():
 
 
 def _gather_grad(group):
-    """pitfalls.md #1/#2: gather [B, 4] rows, transpose (the gradient that comes back is
+    """A gloo all-gather pitfall: gather [B, 4] rows, transpose (the gradient that comes back is
     non-contiguous), each rank takes its share of a weighted sum of squares."""
     rank, world = world_of(group)
     x_all, weight = _gather_inputs()
@@ -408,7 +408,7 @@ def test_partition_agreement_over_ranks_equals_global_batch(runs, world):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_gather_gradient_with_non_contiguous_incoming_gradient(runs, world):
-    """pitfalls.md #1 (non-contiguous gradient into the gather's backward) and #2 (the backward
+    """Two all-gather pitfalls: a non-contiguous gradient into the gather's backward, and the backward
     sums the ranks' partial gradients: no factor W too many or too few)."""
     x_all, weight = _gather_inputs()
     for rank, result in enumerate(runs[world]):

@@ -1,4 +1,4 @@
-"""massl-export and massl-eval never unpickle a checkpoint (issue 14, item 3): they read the
+"""massl-export and massl-eval never unpickle a checkpoint: they read the
 manifest (JSON) and teacher/teacher.safetensors only. A hostile checkpoint directory whose DCP
 `.metadata` (a pickle) creates a file when unpickled must not create it; the same directory read
 with --trust-checkpoint does (the control: the payload is live, so the test can fail)."""

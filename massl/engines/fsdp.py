@@ -26,7 +26,7 @@ from .torch_optim import TorchOptimizerEngine
 
 def _reshard(module, args, output):
     # FSDP2 leaves the root unsharded after forward, expecting backward to follow; the teacher's
-    # forward has none, and its EMA and checkpoints need the sharded DTensors back (pitfalls.md #3).
+    # forward has none, and its EMA and checkpoints need the sharded DTensors back (an EMA or DCP save on them fails).
     module.reshard()
 
 
@@ -40,7 +40,7 @@ def _reshard_without_grad(module, args, output):
 
 
 def local_shards(tensors) -> list[torch.Tensor]:
-    """The local shard of each DTensor; refuses anything else (an unsharded root, pitfalls.md #3).
+    """The local shard of each DTensor; refuses anything else (an unsharded root).
 
     The shard itself (`_local_tensor`, what `to_local()` returns a view of): the optimiser-side
     code runs without autograd, and a `to_local()` per parameter is one more dispatched op each
