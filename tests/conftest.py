@@ -47,3 +47,19 @@ def tiny_run(digits_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny_run"))
     train(load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), out) + ["run.max_steps=2"]))
     return out
+
+
+# Files whose tests start several processes, a launcher, Slurm or a training of hundreds of steps:
+# `pytest -m "not slow"` leaves them out (the inner loop's fast subset; README, "Development").
+SLOW_FILES = {
+    "test_checkpoint_compat.py", "test_deepspeed_setup.py", "test_digits_learning.py", "test_engines_bench.py",
+    "test_engines_deepspeed.py", "test_engines_distributed.py", "test_engines_resume.py", "test_eval_periodic.py",
+    "test_fsdp_reshard.py", "test_history.py", "test_host_sync.py", "test_multinode.py", "test_no_hang.py",
+    "test_resume.py", "test_scaling.py", "test_sharded_memory.py", "test_slurm.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
