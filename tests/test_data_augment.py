@@ -13,9 +13,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from massl.config import DataConfig
-from massl.data import cpu_augment as C
-from massl.data import gpu_augment as G
 from massl.data import multicrop as M
+from massl.data.augment import cpu as C
+from massl.data.augment import device as G
+from massl.data.augment import draw as D
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +88,13 @@ def test_cpu_ops_match_torchvision_pil_functions(photo_jpeg):
     ref = img
     for op in jitter[0]:
         ref = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op](ref, jitter[1 + op])
-    got = M.CropParams(box=(0, 0, 96, 72), jitter=jitter)
+    got = D.CropParams(box=(0, 0, 96, 72), jitter=jitter)
     assert levels(C.photometric(x, got), ref).mean() < 1
     for sigma in (0.1, 0.7, 2.0):  # the true Gaussian of gpu_augment (13 taps, reflect), rounded once
         ref = (TF.gaussian_blur(exact, [13, 13], [sigma, sigma]) * 255).permute(1, 2, 0).numpy()
         assert levels(C.gaussian_blur(x, sigma), ref).max() <= 0.5 + 1e-6
         assert levels(C.gaussian_blur(x, sigma), img.filter(ImageFilter.GaussianBlur(sigma))).mean() < 1  # PIL: 3 box blurs
-    p = M.CropParams(box=(0, 0, 96, 72), flip=True, gray=True, blur_sigma=1.3, solarize=True)
+    p = D.CropParams(box=(0, 0, 96, 72), flip=True, gray=True, blur_sigma=1.3, solarize=True)
     gray = torch.from_numpy(np.asarray(ImageOps.grayscale(ImageOps.mirror(img)), dtype=np.float64))[None] / 255
     ref = ImageOps.solarize(Image.fromarray(np.uint8((TF.gaussian_blur(gray, [13, 13], [1.3, 1.3])[0] * 255).round())), 128)
     assert levels(C.photometric(x, p), np.asarray(ref.convert("RGB"))).max() <= 1
@@ -134,7 +135,7 @@ def test_gpu_augment_batch_equals_a_per_sample_reference():
         rng = random.Random(i)
         order = [0, 1, 2, 3]
         rng.shuffle(order)
-        p = M.CropParams(box=(0, 0, 1, 1), flip=rng.random() < 0.5, gray=rng.random() < 0.3,
+        p = D.CropParams(box=(0, 0, 1, 1), flip=rng.random() < 0.5, gray=rng.random() < 0.3,
                          jitter=(tuple(order), rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2),
                                  rng.uniform(-0.1, 0.1)) if rng.random() < 0.8 else None,
                          blur_sigma=rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0, solarize=rng.random() < 0.3)
@@ -163,9 +164,9 @@ def test_cpu_and_device_paths_agree_on_a_photo(photo_jpeg):
     cpu, dev = M.MultiCropAugmentation(d, False), M.MultiCropAugmentation(d, True)
     augment = G.GpuAugment([0, 0, 0], [1, 1, 1])  # compare in [0, 1] units
     for i in range(3):
-        on_cpu, none = cpu(Image.open(io.BytesIO(photo_jpeg)), M.sample_rng(0, 0, i))
-        crops, params = dev(Image.open(io.BytesIO(photo_jpeg)), M.sample_rng(0, 0, i))
-        assert none is None and params.shape == (12, M.NUM_PARAMS)
+        on_cpu, none = cpu(Image.open(io.BytesIO(photo_jpeg)), D.sample_rng(0, 0, i))
+        crops, params = dev(Image.open(io.BytesIO(photo_jpeg)), D.sample_rng(0, 0, i))
+        assert none is None and params.shape == (12, D.NUM_PARAMS)
         for v in range(12):
             diff = (on_cpu[v].float() / 255 - augment(crops[v].unsqueeze(0), params[v:v + 1])[0]).abs()
             assert diff.mean() < 0.02, (i, v, diff.mean())  # rounding, PIL's box-blur vs a true Gaussian
@@ -178,7 +179,7 @@ def test_draft_decode_serves_large_jpegs(photo_jpeg):
     aug = M.MultiCropAugmentation(d, photometric_on_device=True)
     full = M.to_uint8_tensor(Image.open(io.BytesIO(big.getvalue())).convert("RGB"))
     for i in range(3):
-        rng_params, rng_crops = M.sample_rng(0, 0, i), M.sample_rng(0, 0, i)
+        rng_params, rng_crops = D.sample_rng(0, 0, i), D.sample_rng(0, 0, i)
         params = aug.draw(rng_params, 2000, 1500)
         factor = M.draft_factor(params, [64, 64] + [32] * 10)
         assert factor >= 2 and all(min(p.box[2], p.box[3]) >= factor * s for p, s in zip(params, [64, 64] + [32] * 10))
@@ -191,7 +192,7 @@ def test_draft_decode_serves_large_jpegs(photo_jpeg):
             # levels of 255: DCT scaling vs bicubic, and boxes rounded to whole pixels of the reduced image
             assert (c.float() - ref.float()).abs().mean() < 2.5
         # from the bytes (simplejpeg when installed, DCT-scaled alike): the same pixels as PIL's decode
-        views = aug.load(big.getvalue(), M.sample_rng(0, 0, i))
+        views = aug.load(big.getvalue(), D.sample_rng(0, 0, i))
         assert all(torch.equal(a, b) for a, b in zip(views.crops, crops))
     small = aug.draw(random.Random(0), 60, 40)
     assert M.draft_factor(small, [64, 64] + [32] * 10) == 1

@@ -10,7 +10,7 @@ torchvision's (docs/data.md, "Augmentation", lists the rounding-level difference
   by one level in about 0.1 % of pixels;
 - hue shifts OpenCV's 8-bit HSV hue (256 steps per turn), closer to the exact float rotation
   of torchvision's tensor op than PIL's 8-bit HSV (255 steps per turn) that the PIL op uses;
-- blur is the separable Gaussian of gpu_augment.py (sigma = the recipe's radius, 13 taps,
+- blur is the separable Gaussian of device.py (sigma = the recipe's radius, 13 taps,
   reflect padding), where PIL approximates a Gaussian with three box blurs.
 """
 from __future__ import annotations
@@ -23,8 +23,7 @@ except ImportError as e:  # an install without the pinned requirements
     raise ImportError("massl's CPU augmentation (data.gpu_augment=false, or auto without a GPU) needs OpenCV: "
                       "pip install opencv-python-headless (requirements.txt pins the tested version)") from e
 
-from .gpu_augment import BLUR_RADIUS
-from .multicrop import CropParams
+from .draw import BLUR_RADIUS, CropParams
 
 # One thread per DataLoader worker, as torch runs its own ops there: the workers are the parallelism.
 cv2.setNumThreads(1)
@@ -66,11 +65,11 @@ def adjust_hue(x: np.ndarray, shift: float) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
-JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 (multicrop.JITTER_OPS)
+JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 (draw.JITTER_OPS)
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """gpu_augment.gaussian_blur's kernel and padding, rounded once at the end."""
+    """device.gaussian_blur's kernel and padding, rounded once at the end."""
     radius = min(BLUR_RADIUS, x.shape[0] - 1, x.shape[1] - 1)
     taps = np.arange(-radius, radius + 1, dtype=np.float64)
     kernel = np.exp(-0.5 * (taps / sigma) ** 2)

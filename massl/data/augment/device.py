@@ -1,7 +1,7 @@
 """Photometric half of the multi-crop recipe, batched on the device (data.gpu_augment=true).
 
 The workers decode, crop and resize to uint8 only, and send each crop's parameter row (drawn
-by `multicrop.draw_crop` from the sample's own RNG, so a sample gets the same random choices
+by `draw.draw_crop` from the sample's own RNG, so a sample gets the same random choices
 whether its photometric ops run here or in the worker). Here, per view, on [B, 3, H, W]:
 flip, colour jitter in each sample's own op order, grayscale, Gaussian blur, solarise,
 normalise. Index lists come from the CPU copy of the parameters, so no step waits on the
@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .multicrop import JITTER_OPS, PARAM_NAMES
+from .draw import BLUR_RADIUS, COL, JITTER_OPS
 
-COL = {name: i for i, name in enumerate(PARAM_NAMES)}
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's L conversion
-BLUR_RADIUS = 6  # taps each side: 3 sigma at the largest sigma (2.0) of the recipe
 SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128) on the 0..255 scale
 
 
@@ -88,7 +86,7 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= SOLARIZE_THRESHOLD, 1 - x, x)
 
 
-JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 (multicrop.JITTER_OPS)
+JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 (draw.JITTER_OPS)
 
 
 class GpuAugment:
