@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ...config import AugConfig
@@ -24,7 +25,8 @@ PARAM_NAMES = ("flip", "jitter", "brightness", "contrast", "saturation", "hue",
                "order0", "order1", "order2", "order3", "gray", "blur_sigma", "solarize")
 NUM_PARAMS = len(PARAM_NAMES)
 COL = {name: i for i, name in enumerate(PARAM_NAMES)}
-BLUR_RADIUS = 6  # blur taps each side: 3 sigma at the largest sigma (2.0) of the recipe
+BLUR_PASSES = 3  # PIL's GaussianBlur: three box blurs per axis
+BLUR_SIGMA = (0.1, 2.0)  # the recipe's blur radius range (sigma of PIL's GaussianBlur)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -93,7 +95,7 @@ def draw_crop(rng: random.Random, a: AugConfig, width: int, height: int, view: V
         p.jitter = (tuple(order), *factors)
     p.gray = rng.random() < a.grayscale_prob
     if rng.random() < view.blur_prob:
-        p.blur_sigma = rng.uniform(0.1, 2.0)
+        p.blur_sigma = rng.uniform(*BLUR_SIGMA)
     p.solarize = rng.random() < view.solarize_prob
     return p
 
@@ -103,3 +105,31 @@ def param_rows(crops: list[CropParams]) -> torch.Tensor:
     return torch.tensor([p.as_row() for p in crops], dtype=torch.float32)
 
 
+
+
+def box_radius(sigma: float, passes: int = BLUR_PASSES) -> tuple[int, float]:
+    """PIL's GaussianBlur box: (integer radius l, weight a of the two taps at l + 1) such that
+    `passes` such boxes have variance sigma^2 exactly (Gwosdek et al. 2011, as Pillow's BoxBlur.c)."""
+    s2 = sigma * sigma / passes
+    l = math.floor((math.sqrt(12 * s2 + 1) - 1) / 2)
+    a = (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
+    return l, a
+
+
+BOX_RADIUS = box_radius(BLUR_SIGMA[1])[0] + 1  # taps each side of the widest box (2)
+
+
+def blur_box(sigma: float) -> np.ndarray:
+    """float64 [2 * BOX_RADIUS + 1]: one of PIL's GaussianBlur passes; BLUR_PASSES of them per
+    axis have variance sigma^2 at every sigma (a sampled Gaussian loses it below sigma ~0.5)."""
+    l, a = box_radius(sigma)
+    if l + 1 > BOX_RADIUS:
+        raise ValueError(f"blur sigma {sigma} is above the recipe's range {BLUR_SIGMA}")
+    box = np.concatenate([[a], np.ones(2 * l + 1), [a]]) / (2 * l + 1 + 2 * a)
+    return np.pad(box, BOX_RADIUS - l - 1)
+
+
+def blur_boxes(sigmas) -> torch.Tensor:
+    """float32 [N, 2 * BOX_RADIUS + 1]: `blur_box` per sigma (the device path's batch of boxes)."""
+    boxes = np.array([blur_box(float(s)) for s in sigmas], dtype=np.float32)
+    return torch.from_numpy(boxes).reshape(-1, 2 * BOX_RADIUS + 1)
