@@ -224,13 +224,18 @@ def test_draft_decode_serves_large_jpegs(photo_jpeg):
     for i in range(3):
         rng_params, rng_crops = D.sample_rng(0, 0, i), D.sample_rng(0, 0, i)
         params = aug.draw(rng_params, 2000, 1500)
-        factor = M.draft_factor(params, [64, 64] + [32] * 10)
+        factor = M.draft_factor(params, [64, 64] + [32] * 10, 2000, 1500)
         assert factor >= 2 and all(min(p.box[2], p.box[3]) >= factor * s for p, s in zip(params, [64, 64] + [32] * 10))
         img = Image.open(io.BytesIO(big.getvalue()))
         crops, _ = aug(img, rng_crops)
         assert img.size == (2000 // factor, 1500 // factor)  # decoded at the reduced scale
+        sx, sy = img.size[0] / 2000, img.size[1] / 1500
         for p, c, s in zip(params, crops, [64, 64] + [32] * 10):
             left, top, w, h = p.box
+            # the box rounded to whole pixels of the reduced image moves by under one output pixel
+            moved = max([abs(round(v * sx) / sx - v) * s / w for v in (left, left + w)]
+                        + [abs(round(v * sy) / sy - v) * s / h for v in (top, top + h)])
+            assert moved <= 1.0, (p.box, factor, moved)
             ref = M.resized_crop(full, (left, top, left + w, top + h), s, "bicubic")
             # levels of 255: DCT scaling vs bicubic, and boxes rounded to whole pixels of the reduced image
             assert (c.float() - ref.float()).abs().mean() < 2.5
@@ -238,7 +243,11 @@ def test_draft_decode_serves_large_jpegs(photo_jpeg):
         views = aug.load(big.getvalue(), D.sample_rng(0, 0, i))
         assert all(torch.equal(a, b) for a, b in zip(views.crops, crops))
     small = aug.draw(random.Random(0), 60, 40)
-    assert M.draft_factor(small, [64, 64] + [32] * 10) == 1
+    assert M.draft_factor(small, [64, 64] + [32] * 10, 60, 40) == 1
+    off = M.MultiCropAugmentation(DataConfig(global_crop_size=64, local_crop_size=32, draft_decode=False), True)
+    img = Image.open(io.BytesIO(big.getvalue()))
+    off(img, D.sample_rng(0, 0, 0))
+    assert img.size == (2000, 1500)  # data.draft_decode: false decodes at full resolution
 
 
 def test_training_with_gpu_augment_on_cpu(tiny_config):

@@ -35,16 +35,30 @@ from .augment.draw import CropParams, ViewSpec, draw_crop, param_rows, sample_rn
 # JPEG DCT scalings used by draft mode. libjpeg also offers 1/8, but that keeps only each 8x8
 # block's mean, visibly coarser than the bicubic resize it would replace.
 DRAFT_FACTORS = (4, 2)
+DRAFT_MAX_SHIFT = 1.0  # output pixels a crop box may move by being rounded on the reduced grid
 # What PIL raises for an unreadable image; a sample that raises one is replaced and counted.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 JPEG_END = b"\xff\xd9"  # EOI marker: a JPEG cut short lacks it
 
 
-def draft_factor(crops: list[CropParams], sizes: list[int]) -> int:
-    """Largest JPEG downscale after which every crop box still spans at least its output size,
-    so a reduced decode never makes a crop upsample where the full decode would not."""
+def draft_shift(p: CropParams, size: int, f: int, width: int, height: int) -> float:
+    """How far, in output pixels, the crop box moves when it is rounded to whole pixels of the
+    image decoded at 1/f (libjpeg's scaled size: ceil(width / f) x ceil(height / f))."""
+    sx, sy = -(-width // f) / width, -(-height // f) / height
+    left, top, w, h = p.box
+    dx = max(abs(round(v * sx) / sx - v) for v in (left, left + w)) * size / w
+    dy = max(abs(round(v * sy) / sy - v) for v in (top, top + h)) * size / h
+    return max(dx, dy)
+
+
+def draft_factor(crops: list[CropParams], sizes: list[int], width: int, height: int) -> int:
+    """Largest JPEG downscale after which every crop box still spans at least its output size (a
+    reduced decode never makes a crop upsample where the full decode would not) and, rounded to
+    whole pixels of the reduced image, stays within DRAFT_MAX_SHIFT output pixels of its
+    full-resolution box."""
     smallest = min(min(p.box[2], p.box[3]) / s for p, s in zip(crops, sizes))
-    return next((f for f in DRAFT_FACTORS if smallest >= f), 1)
+    return next((f for f in DRAFT_FACTORS if smallest >= f
+                 and max(draft_shift(p, s, f, width, height) for p, s in zip(crops, sizes)) <= DRAFT_MAX_SHIFT), 1)
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -120,7 +134,7 @@ class MultiCropAugmentation:
         """uint8 RGB [3, H, W], at the smallest JPEG scale that still serves every crop (libjpeg's
         DCT scaling). An RGB or grayscale JPEG whose bytes are at hand goes through simplejpeg:
         the same libjpeg-turbo decode as PIL's, same pixels, about a third less CPU."""
-        f = draft_factor(crops, self.sizes) if img.format == "JPEG" else 1
+        f = draft_factor(crops, self.sizes, *img.size) if img.format == "JPEG" and self.d.draft_decode else 1
         if data is not None and simplejpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
             pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=img.height // f, min_width=img.width // f)
             return torch.from_numpy(pixels).permute(2, 0, 1)
