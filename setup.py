@@ -13,7 +13,7 @@ setup(
         "pyyaml>=6",
         "numpy",
         "pillow",
-        "opencv-python-headless>=4.8",  # CPU augmentation (massl/data/cpu_augment.py); opencv-python serves too
+        "opencv-python-headless>=4.8",  # CPU augmentation (massl/data/augment/cpu.py); opencv-python serves too
         "simplejpeg>=1.6",  # faster JPEG decode in the loader workers (PIL's is the fallback)
         "safetensors>=0.4",
         "tensorboard>=2.14",

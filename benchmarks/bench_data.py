@@ -46,8 +46,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from massl.config import Config, DataConfig  # noqa: E402
 from massl.data import build_data  # noqa: E402
 from massl.data.batch import DevicePrepare, collate  # noqa: E402
-from massl.data.gpu_augment import normalize  # noqa: E402
-from massl.data.multicrop import MultiCropAugmentation, sample_rng  # noqa: E402
+from massl.data.augment.device import normalize  # noqa: E402
+from massl.data.augment.draw import sample_rng  # noqa: E402
+from massl.data.multicrop import MultiCropAugmentation  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 SIZE = (500, 375)
@@ -186,7 +187,7 @@ def candidates(blob: bytes) -> dict:
     if has_module("cv2"):
         import cv2
 
-        from massl.data import cpu_augment as C
+        from massl.data.augment import cpu as C
         x = np.asarray(crop)
         out["decode"]["OpenCV"] = ms(lambda: cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR))
         cv_ops = {"brightness": lambda: C.adjust_brightness(x, 1.3), "contrast": lambda: C.adjust_contrast(x, 1.3),

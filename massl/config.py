@@ -126,6 +126,7 @@ class DataConfig:
     local_crops_number: int = 10
     gpu_augment: str = "auto"  # auto (on with CUDA) | true | false
     decode: str = "cpu"  # cpu (workers decode) | device (workers send JPEG bytes, prepare() decodes)
+    draft_decode: bool = True  # decode: cpu: JPEGs at 1/2 or 1/4 scale where every crop allows it (docs/data.md)
     aug: AugConfig = field(default_factory=AugConfig)
 
 

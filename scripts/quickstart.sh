@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart: set up the environment, write the sklearn digits as image folders, train a small
 # ViT with MaSSL on the CPU (configs/quickstart.yaml, a few minutes on 2 cores), then compare the
-# trained teacher with the same architecture at random initialisation on k-NN, linear probe,
-# low-shot and retrieval (docs/eval.md).
+# trained teacher with the same architecture at random initialisation and with the raw pixels
+# on k-NN, linear probe, low-shot and retrieval (docs/eval.md).
 # Extra arguments are config overrides, e.g.:  scripts/quickstart.sh optim.epochs=20
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +23,8 @@ common=(--checkpoint "$run" --train data/digits/train --val data/digits/val --cr
 for cmd in knn linear lowshot retrieval; do
   "$bin/massl-eval" "$cmd" "${common[@]}" --out "$run/eval/$cmd-trained.json" >/dev/null
   "$bin/massl-eval" "$cmd" "${common[@]}" --random-init --out "$run/eval/$cmd-random-init.json" >/dev/null
+  # the raw-pixel baseline: the 32 px images themselves, flattened, as features
+  "$bin/massl-eval" "$cmd" "${common[@]}" --weights pixels --out "$run/eval/$cmd-pixels.json" >/dev/null
 done
 "$bin/python" - "$run" <<'PY'
 import json, sys
@@ -40,6 +42,6 @@ head = ["k-NN k=20", "k-NN k=10", "linear", "1-shot", "5-shot", "13-shot", "5-sh
 print("[quickstart] digits, 500 val images, top-1 unless noted (JSON in %s/eval/):" % run)
 print(f"| {'weights':<12} | " + " | ".join(head) + " |")
 print(f"| {'---':<12} | " + " | ".join("---:" for _ in head) + " |")
-for weights in ("trained", "random-init"):
+for weights in ("trained", "random-init", "pixels"):
     print(f"| {weights:<12} | " + " | ".join(f"{v:.3f}".rjust(len(h)) for v, h in zip(row(weights), head)) + " |")
 PY

@@ -14,6 +14,7 @@ from data_tools.shard import ShardWriter, main as shard_main
 from massl.config import DataConfig, load_config
 from massl.data import build_data
 from massl.data import multicrop as M
+from massl.data.augment.draw import sample_rng
 from massl.data.batch import DevicePrepare, collate
 from massl.data.device_decode import DeviceDecoder, resample_weights
 
@@ -38,7 +39,7 @@ def photos() -> list[bytes]:
 
 
 def samples(aug: M.MultiCropAugmentation, blobs: list[bytes]) -> list:
-    return [(aug.load(b, M.sample_rng(0, 0, i)), 0, i, ()) for i, b in enumerate(blobs)]
+    return [(aug.load(b, sample_rng(0, 0, i)), 0, i, ()) for i, b in enumerate(blobs)]
 
 
 def test_resample_weights_are_torchs_antialiased_resize():
@@ -63,7 +64,7 @@ def test_device_decode_cuts_the_cpu_paths_crops(photos):
     dev, cpu = samples(on_device, photos), samples(cpu_path, photos)
     for i, ((views, _, _, _), blob) in enumerate(zip(dev, photos)):
         width, height = Image.open(io.BytesIO(blob)).size
-        boxes = [p.box for p in cpu_path.draw(M.sample_rng(0, 0, i), width, height)]
+        boxes = [p.box for p in cpu_path.draw(sample_rng(0, 0, i), width, height)]
         if i < 4:
             assert views.encoded.boxes == boxes and views.crops is None and not views.fallback
         else:  # the PNG: cut in the worker by the CPU path
@@ -78,7 +79,7 @@ def test_device_decode_cuts_the_cpu_paths_crops(photos):
         assert diff.max() <= 2 and diff.float().mean() < 0.05, (v, diff.max(), diff.float().mean())
         assert torch.equal(out[v][4], reference.crops[v][4])  # the PNG's crops pass through
     full = Image.open(io.BytesIO(photos[0])).convert("RGB")  # and against the recipe's PIL crop + resize
-    for v, p in enumerate(cpu_path.draw(M.sample_rng(0, 0, 0), *full.size)):
+    for v, p in enumerate(cpu_path.draw(sample_rng(0, 0, 0), *full.size)):
         left, top, w, h = p.box
         size = on_device.sizes[v]
         pil = np.asarray(full.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC), dtype=int)

@@ -104,3 +104,34 @@ def test_console_command_exits_2_with_one_line(tiny_run, folders):
                            "--checkpoint", tiny_run, "--train", train, "--val", val], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --k:") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_pixels_weights_are_the_raw_pixel_baseline(capsys, tiny_run, digits_dir, tmp_path):
+    """--weights pixels: k-NN on the images' own pixels at the run's size (16 px here) equals
+    scikit-learn's cosine k-NN with the same exp(similarity / T) vote on PIL-resized pixels."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.neighbors import KNeighborsClassifier
+
+    def pixels(split):
+        root = os.path.join(digits_dir, split)
+        rows = [(np.asarray(Image.open(os.path.join(root, c, f)).convert("RGB").resize((16, 16), Image.BICUBIC),
+                            np.float64).ravel() / 255, int(c))
+                for c in sorted(os.listdir(root)) for f in sorted(os.listdir(os.path.join(root, c)))]
+        return np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
+
+    out = str(tmp_path / "knn-pixels.json")
+    code, _, err = run_eval(capsys, "knn", "--checkpoint", tiny_run, "--train", os.path.join(digits_dir, "train"),
+                            "--val", os.path.join(digits_dir, "val"), "--crop-ratio", "1.0", "--workers", "0",
+                            "--k", "10", "20", "--weights", "pixels", "--out", out)
+    assert code == 0, err
+    result = json.load(open(out))
+    assert result["weights"] == "pixels" and result["feature_dim"] == 3 * 16 * 16
+    (x, y), (vx, vy) = pixels("train"), pixels("val")
+    for r in result["results"]:
+        ref = KNeighborsClassifier(r["k"], metric="cosine", algorithm="brute",
+                                   weights=lambda d: np.exp((1 - d) / 0.07)).fit(x, y)
+        assert abs(r["top1"] - (ref.predict(vx) == vy).mean()) <= 1 / len(vy), r  # a tie may fall either way
+    code, _, err = run_eval(capsys, "knn", "--checkpoint", tiny_run, "--train", os.path.join(digits_dir, "train"),
+                            "--val", os.path.join(digits_dir, "val"), "--weights", "pixels", "--random-init")
+    assert code == 2 and err.strip().startswith("error: --random-init")

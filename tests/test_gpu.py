@@ -88,6 +88,7 @@ def test_device_decode_on_cuda_matches_the_cpu_device(caplog):
     A JPEG with a bogus Huffman table is refused on the GPU too: replaced and counted."""
     from massl.config import DataConfig
     from massl.data import multicrop as M
+    from massl.data.augment.draw import sample_rng
     from massl.data.batch import collate
     from massl.data.device_decode import DeviceDecoder
 
@@ -100,7 +101,7 @@ def test_device_decode_on_cuda_matches_the_cpu_device(caplog):
     decoder = DeviceDecoder(aug)
 
     def batch():
-        return collate([(aug.load(b, M.sample_rng(0, 0, i)), 0, i, ()) for i, b in enumerate(blobs)]).pin_memory()
+        return collate([(aug.load(b, sample_rng(0, 0, i)), 0, i, ()) for i, b in enumerate(blobs)]).pin_memory()
 
     gpu_batch = batch()
     on_gpu = decoder(gpu_batch, torch.device("cuda"))

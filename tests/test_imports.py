@@ -18,3 +18,13 @@ def test_shard_modules_need_neither_torch_nor_pil():
 def test_engines_and_sources_load_on_demand():
     loaded = _modules_after("import massl.train")
     assert not {"massl.engines.fsdp", "massl.engines.ddp", "massl.data.webdataset", "webdataset"} & loaded
+
+
+def test_augment_layers_import_only_below_themselves():
+    """augment/draw.py is the bottom layer (the parameter rows); the CPU and device ops sit on it
+    and never on each other or on multicrop.py, which uses them all."""
+    loaded = _modules_after("import massl.data.augment.draw")
+    assert not {"massl.data.augment.cpu", "massl.data.augment.device", "massl.data.multicrop", "cv2"} & loaded
+    for layer, other in (("cpu", "device"), ("device", "cpu")):
+        loaded = _modules_after(f"import massl.data.augment.{layer}")
+        assert not {f"massl.data.augment.{other}", "massl.data.multicrop"} & loaded, layer

@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..config import DataConfig
-from .gpu_augment import GpuAugment, normalize
+from .augment.device import GpuAugment, normalize
 
 
 class EncodedBatch(NamedTuple):
@@ -27,7 +27,7 @@ class Batch:
 
     crops: list  # V uint8 tensors [B', 3, H, W], fully augmented or (with `params`) only cropped; B' = B - n
     skipped: int  # unreadable samples replaced in this batch (prepare() adds those it finds)
-    params: Optional[list] = None  # photometric ops on the device: V float tensors [B, NUM_PARAMS] (multicrop.PARAM_NAMES)
+    params: Optional[list] = None  # photometric ops on the device: V float tensors [B, NUM_PARAMS] (augment/draw.py PARAM_NAMES)
     keys: tuple = ()  # sample ids: webdataset keys, image-folder indices
     encoded: Optional[EncodedBatch] = None  # data.decode=device: the n JPEGs the device decodes
     fallback: int = 0  # data.decode=device: samples that took the CPU path (not plain JPEGs, refused by the device)
@@ -64,7 +64,7 @@ def collate(samples) -> Batch:
 
 class DevicePrepare:
     """Batch -> V normalised float32 crop tensors on the device; with data.gpu_augment the
-    photometric ops run there first (gpu_augment.py), with data.decode=device the JPEG decode,
+    photometric ops run there first (augment/device.py), with data.decode=device the JPEG decode,
     crops and resizes before them (device_decode.py)."""
 
     def __init__(self, d: DataConfig, on_device: bool = False, aug=None):

@@ -6,7 +6,7 @@ the photometric parameter rows. Here the batch's JPEGs are decoded with
 `torchvision.io.decode_jpeg` (nvJPEG on CUDA, libjpeg-turbo on the CPU device), all crops are
 cut and resized with two batched matrix products per group of similarly sized images (the
 antialiased bicubic/bilinear filter of PIL and torch, as separable weight matrices), rounded to
-uint8 as theirs, and handed to gpu_augment.py's photometric ops like the workers' crops.
+uint8 as theirs, and handed to augment/device.py's photometric ops like the workers' crops.
 
 Samples the workers did not send as JPEG bytes (other formats, CMYK, files cut short) arrive as
 crops, flagged in Batch.fallback. A JPEG the device cannot decode is cut on the CPU here, from

@@ -54,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
         s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         s.add_argument("--random-init", action="store_true", help="the same architecture at random initialisation")
+        s.add_argument("--weights", default="teacher", choices=["teacher", "random-init", "pixels"],
+                       help="features of the trained teacher, of the same architecture at random init (= --random-init), "
+                            "or the images' own pixels at the run's image size, flattened (the raw-pixel baseline)")
         s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
         s.add_argument("--seed", type=int, default=0, help="random init, low-shot draws, SGD probe order and init")
         s.add_argument("--cache", default="", help="feature cache directory (off when empty)")
-        s.add_argument("--out", default="", help="JSON result (default: <run>/eval/<cmd>[-random]-<checkpoint>.json)")
+        s.add_argument("--out", default="", help="JSON result (default: <run>/eval/<cmd>[-random|-pixels]-<checkpoint>.json)")
     return p
 
 
@@ -82,6 +85,9 @@ def check_args(a: argparse.Namespace) -> None:
                   ("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0")]
     else:
         rules += [("--recall-k", a.recall_k, min(a.recall_k) >= 1, "integers >= 1")]
+    if a.weights == "pixels" and a.random_init:
+        raise ValueError("--random-init: not with --weights pixels; give one of them")
+    a.random_init = a.random_init or a.weights == "random-init"
     for flag, value, ok, want in rules:
         if not ok:
             raise ValueError(f"{flag}: must be {want}, got {value}")
@@ -133,7 +139,8 @@ def main(argv=None) -> None:
             dist.destroy_process_group()
     if result is None:  # not the main rank
         return
-    out = args.out or default_out(result["checkpoint"], args.cmd + ("-random" if args.random_init else ""))
+    suffix = {"random-init": "-random", "pixels": "-pixels"}.get(result["weights"], "")
+    out = args.out or default_out(result["checkpoint"], args.cmd + suffix)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

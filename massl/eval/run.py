@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.manager import read_checkpoint_manifest
-from ..checkpoint.reader import load_teacher_backbone, resolve_checkpoint
+from ..checkpoint.reader import load_teacher_backbone, read_config, resolve_checkpoint
 from ..dist import init_distributed
 from ..logging import setup_logging
 from .cache import cache_key, cache_path, load_cached, save_cached, weights_digest
@@ -22,6 +22,34 @@ from .retrieval import retrieval_metrics
 
 SGD_ABOVE = 20000  # --solver auto: SGD (DINOv2) above this many training images, L-BFGS up to it
 SKIPPED_NAMED = 100  # unreadable images named in the JSON (all are counted)
+
+
+class PixelFeatures(torch.nn.Module):
+    """--weights pixels: the image itself, at the evaluation size, flattened (levels / 255, the
+    evaluation transform's normalisation undone): the raw-pixel baseline a trained network
+    should beat."""
+
+    def __init__(self, mean: list, std: list):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.std + self.mean).flatten(1)
+
+
+def load_weights(a: argparse.Namespace, ckpt_dir: str):
+    """(feature module, run config) for --weights teacher | random-init | pixels."""
+    if getattr(a, "weights", "teacher") == "pixels":
+        cfg = read_config(ckpt_dir)  # the run's image size and normalisation; no weights read
+        return PixelFeatures(cfg.data.aug.mean, cfg.data.aug.std).eval(), cfg
+    return load_teacher_backbone(ckpt_dir, random_init=a.random_init, seed=a.seed, trust=a.trust_checkpoint)
+
+
+def weights_name(a: argparse.Namespace) -> str:
+    if getattr(a, "weights", "teacher") == "pixels":
+        return "pixels"
+    return "random-init" if a.random_init else "teacher"
 
 
 def features_of(path: str, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env) -> Features | None:
@@ -66,19 +94,22 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     ckpt_dir = os.path.abspath(resolve_checkpoint(a.checkpoint))
     env = init_distributed(a.device)
     setup_logging(env.rank)
-    backbone, cfg = load_teacher_backbone(ckpt_dir, random_init=a.random_init, seed=a.seed,
-                                          trust=a.trust_checkpoint)
-    patch, depth = cfg.model.patch_size, len(backbone.blocks)
+    backbone, cfg = load_weights(a, ckpt_dir)
+    pixels = isinstance(backbone, PixelFeatures)
+    patch, depth = (1, 1) if pixels else (cfg.model.patch_size, len(backbone.blocks))
     size = a.image_size or cfg.data.global_crop_size
     if size % patch:
         raise ValueError(f"--image-size: {size} is not a multiple of the model's patch size {patch}")
     spec = FeatureSpec(a.n_last_blocks, a.avgpool) if a.cmd == "linear" else FeatureSpec()
     if spec.n_last_blocks > depth:
-        raise ValueError(f"--n-last-blocks: {spec.n_last_blocks} exceeds the model's {depth} blocks")
+        raise ValueError(f"--n-last-blocks: {spec.n_last_blocks} exceeds the model's {depth} blocks"
+                         + (" (--weights pixels has one feature vector: the pixels)" if pixels else ""))
+    if pixels and spec.avgpool:
+        raise ValueError("--avgpool: --weights pixels has no patch tokens; drop --avgpool")
     backbone = backbone.to(env.device)
     settings = {"image_size": size, "crop_ratio": a.crop_ratio, "mean": list(cfg.data.aug.mean),
                 "std": list(cfg.data.aug.std), "n_last_blocks": spec.n_last_blocks, "avgpool": spec.avgpool}
-    digest = weights_digest(backbone) if a.cache else ""
+    digest = ("pixels" if pixels else weights_digest(backbone)) if a.cache else ""
     train = features_of(a.train, backbone, digest, settings, spec, a, env)
     val = features_of(a.val, backbone, digest, settings, spec, a, env)
     if not env.is_main:
@@ -86,7 +117,7 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     align_labels(train.classes, val)
     skipped = train.skipped + val.skipped
     return {
-        "protocol": a.cmd, "weights": "random-init" if a.random_init else "teacher", "checkpoint": ckpt_dir,
+        "protocol": a.cmd, "weights": weights_name(a), "checkpoint": ckpt_dir,
         "step": read_checkpoint_manifest(ckpt_dir).get("step"), "train": a.train, "val": a.val,
         "n_train": len(train.labels), "n_val": len(val.labels), "num_classes": len(train.classes),
         "skipped_train": len(train.skipped), "skipped_val": len(val.skipped),

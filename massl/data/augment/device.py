@@ -1,25 +1,27 @@
 """Photometric half of the multi-crop recipe, batched on the device (data.gpu_augment=true).
 
 The workers decode, crop and resize to uint8 only, and send each crop's parameter row (drawn
-by `multicrop.draw_crop` from the sample's own RNG, so a sample gets the same random choices
+by `draw.draw_crop` from the sample's own RNG, so a sample gets the same random choices
 whether its photometric ops run here or in the worker). Here, per view, on [B, 3, H, W]:
 flip, colour jitter in each sample's own op order, grayscale, Gaussian blur, solarise,
 normalise. Index lists come from the CPU copy of the parameters, so no step waits on the
-device. Float definitions follow torchvision's tensor functions; docs/data.md states where
-they differ from the PIL ops of the CPU path (rounding; a true Gaussian where PIL uses three
-box blurs).
+device. The ops work on float32 levels 0..255 and round as the published recipe's PIL ops do
+(truncated blends, PIL's integer luma, one rounding after the blur), so each op's output is
+PIL's within a level (tests/test_data_augment.py states the bound per op); only the hue
+rotation is the exact float one, rounded to the nearest level (PIL quantises its hue to 255
+steps).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .multicrop import JITTER_OPS, PARAM_NAMES
+from .draw import BLUR_PASSES, COL, JITTER_OPS, blur_boxes
 
-COL = {name: i for i, name in enumerate(PARAM_NAMES)}
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's L conversion
-BLUR_RADIUS = 6  # taps each side: 3 sigma at the largest sigma (2.0) of the recipe
-SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128) on the 0..255 scale
+# PIL's L conversion (ITU-R 601 in 16-bit fixed point, rounded): (R*19595 + G*38470 + B*7471 + 2**15) >> 16.
+# Exact in float32: the largest sum, 255 * 2**16 + 2**15, is below 2**24.
+LUMA_FIXED = (19595.0, 38470.0, 7471.0)
+SOLARIZE_THRESHOLD = 128  # PIL ImageOps.solarize(threshold=128): levels >= 128 are inverted
 
 
 def normalize(x: torch.Tensor, mean, std, max_value: float = 255.0) -> torch.Tensor:
@@ -30,32 +32,36 @@ def normalize(x: torch.Tensor, mean, std, max_value: float = 255.0) -> torch.Ten
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] -> [N, 1, H, W] luma."""
-    w = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    """[N, 3, H, W] levels -> [N, 1, H, W] PIL luma (whole levels)."""
+    w = torch.tensor(LUMA_FIXED, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return torch.floor_(((x * w).sum(1, keepdim=True) + 32768) / 65536)
 
 
 def per_sample(f: torch.Tensor) -> torch.Tensor:
     return f.view(-1, 1, 1, 1)
 
 
+def blend(x: torch.Tensor, degenerate: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """PIL's Image.blend(degenerate, x, f) on levels: float32, clipped, truncated."""
+    return torch.floor_((degenerate + per_sample(f) * (x - degenerate)).clamp_(0, 255))
+
+
 def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * per_sample(f)).clamp_(0, 1)
+    return blend(x, torch.zeros((), device=x.device, dtype=x.dtype), f)
 
 
 def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = per_sample(f)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    # PIL's ImageEnhance.Contrast: blend with the mean of the L image, rounded to a level
+    mean = torch.floor_(grayscale(x).double().mean(dim=(1, 2, 3), keepdim=True) + 0.5).to(x.dtype)
+    return blend(x, mean, f)
 
 
 def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    f = per_sample(f)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+    return blend(x, grayscale(x), f)  # PIL's ImageEnhance.Color: blend with the L image
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue by `shift` turns, keeping saturation and value."""
+    """Rotate the HSV hue by `shift` turns, keeping saturation and value; rounded to levels."""
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
     chroma = maxc - minc
@@ -68,27 +74,30 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     for n in (5.0, 3.0, 1.0):
         k = torch.remainder(hue6 + n, 6.0)
         out.append(maxc - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
-    return torch.stack(out, 1)
+    return torch.stack(out, 1).round_()
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian per sample (kernel truncated at 6 taps, reflect padding)."""
+def gaussian_blur(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """PIL's GaussianBlur per sample: its box passes ([N, taps], draw.blur_boxes) along x, then
+    along y, edges replicated as PIL does, rounded once to levels."""
     n, c, h, w = x.shape
-    radius = min(BLUR_RADIUS, h - 1, w - 1)
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, taps]
+    taps = boxes.shape[1]
+    r = taps // 2
+    box = boxes.to(x.dtype).repeat_interleave(c, 0).view(n * c, 1, 1, taps)  # one box per channel
     y = x.reshape(1, n * c, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
-    return y.view(n, c, h, w)
+    for _ in range(BLUR_PASSES):
+        y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), box, groups=n * c)
+    box = box.view(n * c, 1, taps, 1)
+    for _ in range(BLUR_PASSES):
+        y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), box, groups=n * c)
+    return y.view(n, c, h, w).round_().clamp_(0, 255)
 
 
 def solarize(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x >= SOLARIZE_THRESHOLD, 1 - x, x)
+    return torch.where(x >= SOLARIZE_THRESHOLD, 255 - x, x)
 
 
-JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 (multicrop.JITTER_OPS)
+JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 (draw.JITTER_OPS)
 
 
 class GpuAugment:
@@ -108,7 +117,7 @@ class GpuAugment:
 
     def __call__(self, crops: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         p = params.cpu()
-        x = crops.float().div_(255)
+        x = crops.float()  # levels 0..255, as the PIL ops see them
 
         def where(mask: torch.Tensor) -> torch.Tensor:
             return mask.nonzero().flatten()
@@ -122,6 +131,6 @@ class GpuAugment:
                 x = self._apply(x, rows, fn, p[rows, COL[JITTER_OPS[op]]])
         x = self._apply(x, where(p[:, COL["gray"]] > 0.5), lambda t: grayscale(t).expand_as(t))
         rows = where(p[:, COL["blur_sigma"]] > 0)
-        x = self._apply(x, rows, gaussian_blur, p[rows, COL["blur_sigma"]])
+        x = self._apply(x, rows, gaussian_blur, blur_boxes(p[rows, COL["blur_sigma"]].tolist()))
         x = self._apply(x, where(p[:, COL["solarize"]] > 0.5), solarize)
-        return normalize(x, self.mean, self.std, max_value=1.0)
+        return normalize(x, self.mean, self.std)

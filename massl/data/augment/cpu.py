@@ -10,8 +10,9 @@ torchvision's (docs/data.md, "Augmentation", lists the rounding-level difference
   by one level in about 0.1 % of pixels;
 - hue shifts OpenCV's 8-bit HSV hue (256 steps per turn), closer to the exact float rotation
   of torchvision's tensor op than PIL's 8-bit HSV (255 steps per turn) that the PIL op uses;
-- blur is the separable Gaussian of gpu_augment.py (sigma = the recipe's radius, 13 taps,
-  reflect padding), where PIL approximates a Gaussian with three box blurs.
+- blur is PIL's GaussianBlur: three box blurs per axis (draw.blur_box, shared with device.py)
+  whose variance is sigma^2 at every sigma, edges replicated, in float32 and rounded once
+  where PIL rounds after each pass.
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ except ImportError as e:  # an install without the pinned requirements
     raise ImportError("massl's CPU augmentation (data.gpu_augment=false, or auto without a GPU) needs OpenCV: "
                       "pip install opencv-python-headless (requirements.txt pins the tested version)") from e
 
-from .gpu_augment import BLUR_RADIUS
-from .multicrop import CropParams
+from .draw import BLUR_PASSES, CropParams, blur_box
 
 # One thread per DataLoader worker, as torch runs its own ops there: the workers are the parallelism.
 cv2.setNumThreads(1)
@@ -66,16 +66,19 @@ def adjust_hue(x: np.ndarray, shift: float) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
-JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 (multicrop.JITTER_OPS)
+JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # op ids 0..3 (draw.JITTER_OPS)
+
+
+ONE_TAP = np.ones(1, np.float32)
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """gpu_augment.gaussian_blur's kernel and padding, rounded once at the end."""
-    radius = min(BLUR_RADIUS, x.shape[0] - 1, x.shape[1] - 1)
-    taps = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).astype(np.float32)
-    return cv2.sepFilter2D(x, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
+    """PIL's GaussianBlur(sigma): its box passes along x, then along y, rounded once at the end."""
+    box = np.trim_zeros(blur_box(sigma)).astype(np.float32)  # symmetric: stays centred
+    y = x.astype(np.float32)
+    for kx, ky in [(box, ONE_TAP)] * BLUR_PASSES + [(ONE_TAP, box)] * BLUR_PASSES:
+        y = cv2.sepFilter2D(y, -1, kx, ky, borderType=cv2.BORDER_REPLICATE)
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
 
 
 def photometric(x: np.ndarray, p: CropParams) -> np.ndarray:
