@@ -16,7 +16,7 @@ set -euo pipefail
 # module to mutate | the test files that exercise it (fast: no training run, no extra process)
 TABLE="
 massl/loss.py                 | tests/test_loss.py
-massl/memory.py               | tests/test_memory.py::test_fifo_order_and_wraparound tests/test_memory.py::test_initial_memory_is_unit_norm_and_seeded tests/test_memory.py::test_state_roundtrip
+massl/memory.py               | tests/test_memory_shards.py tests/test_memory.py::test_fifo_order_and_wraparound tests/test_memory.py::test_initial_memory_is_unit_norm_and_seeded tests/test_memory.py::test_state_roundtrip
 massl/schedules.py            | tests/test_schedules.py
 massl/objective.py            | tests/test_objective.py
 massl/optim.py                | tests/test_optim.py
