@@ -31,7 +31,7 @@ PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 MUTMUT="$(dirname "$PYTHON")/mutmut"
 [ -x "$MUTMUT" ] || MUTMUT="$(command -v mutmut || true)"
 if [ -z "$MUTMUT" ]; then
-    echo "error: mutmut is not installed; install the dev extras: pip install -e '.[dev]'" >&2
+    echo "error: mutmut is not installed; install the dev extras: .venv/bin/python -m pip install -e '.[dev]'" >&2
     exit 2
 fi
 EQUIVALENT="$REPO/scripts/mutation_equivalent.txt"
