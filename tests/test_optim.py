@@ -142,3 +142,19 @@ def test_build_optimizer_and_set_hparams(name, cls):
         assert opt.param_groups[0]["momentum"] == 0.7
     set_hparams(opt, 0.01, 0.3)
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.01, 0.3), (0.01, 0.0)]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_build_optimizer_kernels(fused):
+    """AdamW fused (no host sync per parameter) or foreach; SGD foreach."""
+    model = nn.Linear(3, 2)
+    adamw = build_optimizer(OptimConfig(name="adamw"), param_groups(model), fused=fused)
+    assert bool(adamw.defaults.get("fused")) == fused and bool(adamw.defaults.get("foreach")) == (not fused)
+    sgd = build_optimizer(OptimConfig(name="sgd"), param_groups(model), fused=fused)
+    assert sgd.defaults["foreach"] is True
+
+
+def test_set_hparams_decays_a_group_without_the_flag():
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(2))]}], lr=0.0)
+    set_hparams(opt, 0.1, 0.2)
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]) == (0.1, 0.2)
