@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import massl.optim
 from massl.config import OptimConfig
 from massl.optim import LARS, build_optimizer, clip_grads_, ema_update_, grad_norms, param_groups, set_hparams
 from tests.engines_common import clip_error
@@ -36,9 +37,9 @@ def test_ema_update_of_module_parameters():
 
 
 @pytest.mark.parametrize("mode", ["per_param", "global"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_clip_grads_against_float64_reference(mode, seed):
-    grads = tensors(seed, shapes=((3, 4), (5,), (2, 2, 3), (7,)), scale=3.0)
+@pytest.mark.parametrize("seed,scale", [(0, 3.0), (1, 3.0), (2, 1e-3)])  # 1e-3: the 1e-6 guard matters
+def test_clip_grads_against_float64_reference(mode, seed, scale):
+    grads = tensors(seed, shapes=((3, 4), (5,), (2, 2, 3), (7,)), scale=scale)
     grads[1] *= 0.05  # a small gradient: per_param leaves it alone
     error = clip_error(mode, lambda: grads, lambda max_norm: clip_grads_(grads, max_norm, mode))
     assert error < 1e-6
@@ -55,16 +56,33 @@ def test_clip_grads_below_the_threshold_or_off_leaves_gradients_alone(mode):
 
 
 @pytest.mark.parametrize("mode", ["per_param", "global"])
-def test_clip_grads_with_a_loss_scale(mode):
-    """Gradients that still carry a loss scale of 1024: norms and the threshold are taken without it,
-    and the scaled gradients are clipped to max_norm * 1024."""
+@pytest.mark.parametrize("loss_scale", [1024.0, 2.0])
+def test_clip_grads_with_a_loss_scale(mode, loss_scale):
+    """Gradients that still carry a loss scale: norms and the threshold are taken without it, and
+    the scaled gradients are clipped to max_norm * loss_scale."""
     plain = tensors(3, scale=2.0)
-    scaled = [g * 1024 for g in plain]
+    scaled = [g * loss_scale for g in plain]
     t_plain = clip_grads_(plain, 1.0, mode)
-    t_scaled = clip_grads_(scaled, 1.0, mode, grad_scale=1024.0)
+    t_scaled = clip_grads_(scaled, 1.0, mode, grad_scale=loss_scale)
     assert float(t_scaled) == pytest.approx(float(t_plain), rel=1e-6)
     for a, b in zip(scaled, plain):
-        assert torch.allclose(a / 1024, b, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(a / loss_scale, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["per_param", "global"])
+def test_clip_grads_of_shards_sum_the_squares_over_the_group(mode, monkeypatch):
+    """With a group, each gradient is a shard: here two ranks holding the same shard, so every
+    norm is sqrt(2) times the local one (the all-reduce is replaced by its effect)."""
+    group = object()
+    monkeypatch.setattr(massl.optim, "all_reduce_", lambda t, g: t.mul_(2) if g is group else t)
+    grads = tensors(8, scale=2.0)
+    local = [g.double().norm() for g in grads]
+    expected_total = float(torch.stack(local).norm()) * 2 ** 0.5
+    ref = [g.double() * min(1.0, 1.0 / ((float(n) * 2 ** 0.5 if mode == "per_param" else expected_total) + 1e-6))
+           for g, n in zip(grads, local)]
+    assert float(clip_grads_(grads, 1.0, mode, group=group)) == pytest.approx(expected_total, rel=1e-6)
+    for got, want in zip(grads, ref):
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-9)
 
 
 def test_clip_grads_half_precision_and_empty():
@@ -111,6 +129,10 @@ def test_lars_against_float64_reference():
         opt.step()
     for p, want in zip(params, expected):
         assert torch.allclose(p.detach().double(), want, atol=1e-6)
+
+
+def test_lars_defaults():
+    assert LARS([nn.Parameter(torch.zeros(1))]).defaults == dict(lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001)
 
 
 def test_lars_skips_parameters_without_gradient():
