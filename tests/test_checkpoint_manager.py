@@ -182,3 +182,62 @@ def test_no_checkpoint(tmp_path):
     os.makedirs(os.path.join(ckpt.root, ".tmp-step_000000005"))
     assert ckpt.step_dirs() == []
     assert CheckpointManager(str(tmp_path / "nowhere"), keep_last=1, is_main=False).step_dirs() == []
+
+
+class StatePart(Part):
+    """A part loaded from a state dict (what a version-1 checkpoint gives the memory and trainer)."""
+
+    def load_state_dict(self, state) -> None:
+        self.loaded = state
+
+
+def test_a_version_1_checkpoint_loads_through_the_legacy_layout(tmp_path):
+    """Written before the parts had folders: the engine reads the root, state.pt holds the rest."""
+    import torch
+
+    root = tmp_path / "step_000000003"
+    root.mkdir()
+    torch.save({"memory": {"ptr": 5}, "trainer": {"step": 3}}, root / "state.pt")
+    (root / MANIFEST).write_text(json.dumps({"step": 3, "files": {"state.pt": (root / "state.pt").stat().st_size}}))
+    engine, memory, trainer = Part({"state.pt": b""}), StatePart({}), StatePart({})
+    CheckpointManager.load(str(root), {"engine": engine, "memory": memory, "trainer": trainer})
+    assert engine.loaded == {"state.pt": (root / "state.pt").read_bytes()}  # read from the root
+    assert memory.loaded == {"ptr": 5} and trainer.loaded == {"step": 3}
+    assert is_complete(str(root)) == (True, "")
+
+
+def test_a_manifest_without_a_file_list_is_complete(tmp_path):
+    (tmp_path / MANIFEST).write_text(json.dumps({"step": 1}))
+    assert is_complete(str(tmp_path)) == (True, "")
+
+
+def test_fallbacks_are_logged_by_both_lookups(tmp_path, caplog):
+    ckpt = CheckpointManager(str(tmp_path), keep_last=3)
+    ckpt.save(1, parts(1), {})
+    newest = ckpt.save(2, parts(2), {})
+    os.remove(os.path.join(newest, "engine", "model.bin"))
+    caplog.clear()
+    ckpt.latest_complete()
+    assert f"checkpoint {newest} is incomplete (engine/model.bin is missing); falling back" in caplog.text
+    caplog.clear()
+    ckpt.latest_verified()
+    assert f"checkpoint {newest} is incomplete or damaged (engine/model.bin is missing); falling back" in caplog.text
+
+
+def test_lookups_and_saves_are_collective_over_the_managers_group(tmp_path, monkeypatch):
+    """Every collective the manager makes goes to its group (one process: recorded, not reduced)."""
+    group, seen = object(), set()
+
+    def record(fn):
+        def wrapped(*args):
+            seen.add((fn.__name__, args[-1] is group))
+            return fn(*args[:-1], None)
+        return wrapped
+
+    for name in ("barrier", "broadcast_object", "gather_objects"):
+        monkeypatch.setattr(manager, name, record(getattr(manager, name)))
+    monkeypatch.setattr(manager, "world_of", lambda g: (seen.add(("world_of", g is group)), (0, 1))[1])
+    ckpt = CheckpointManager(str(tmp_path), keep_last=3, group=group)
+    path = ckpt.save(1, parts(1), {})
+    assert ckpt.latest_verified() == path
+    assert seen == {("barrier", True), ("broadcast_object", True), ("gather_objects", True), ("world_of", True)}
