@@ -1,11 +1,12 @@
-"""Independent float64 references written from method.md with explicit loops (slow; tiny inputs only)."""
+"""Independent float64 references written from method.md with explicit loops (tiny inputs only)."""
 from __future__ import annotations
 
 import torch
 
 
 def massl_loss_reference(zs, zt, memory, perm, partition_size, student_temp, teacher_temp):
-    """method.md step 5 literally: loops over teacher view j, student view i != j, partition n, sample b."""
+    """method.md step 5 literally: loops over teacher view j, student view i != j, partition n
+    (the samples b of a partition at once: one row each)."""
     V, B, _ = zs.shape
     n_parts = perm.numel() // partition_size
     pair_losses = []
@@ -16,11 +17,10 @@ def massl_loss_reference(zs, zt, memory, perm, partition_size, student_temp, tea
             total = 0.0
             for n in range(n_parts):
                 slots = perm[n * partition_size:(n + 1) * partition_size]
-                for b in range(B):
-                    ls = zs[i, b] @ memory[:, slots] / student_temp
-                    lt = zt[j, b].detach() @ memory[:, slots] / teacher_temp
-                    target = torch.exp(lt - torch.logsumexp(lt, 0))
-                    total = total - (target * (ls - torch.logsumexp(ls, 0))).sum()
+                ls = zs[i] @ memory[:, slots] / student_temp  # [B, P]
+                lt = zt[j].detach() @ memory[:, slots] / teacher_temp
+                target = torch.exp(lt - torch.logsumexp(lt, 1, keepdim=True))
+                total = total - (target * (ls - torch.logsumexp(ls, 1, keepdim=True))).sum()
             pair_losses.append(total / (n_parts * B))
     return sum(pair_losses) / len(pair_losses)
 

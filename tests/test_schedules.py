@@ -49,3 +49,27 @@ def test_teacher_temperature(sched):
     assert sched.teacher_temperature(299) == pytest.approx(0.07)
     assert sched.teacher_temperature(300) == pytest.approx(0.07)
     assert sched.teacher_temperature(999) == pytest.approx(0.07)
+
+
+def test_closed_forms_at_their_edges():
+    """np.linspace for the linear parts (lengths 1 and 2 included); the cosine clamped to its ends."""
+    import numpy as np
+
+    from massl.schedules import cosine, linspace_at
+
+    for length in (1, 2, 3, 7):
+        expected = np.linspace(0.5, 2.0, length)
+        assert [linspace_at(i, length, 0.5, 2.0) for i in range(length)] == pytest.approx(expected.tolist())
+    assert cosine(0, 10, 3.0, 1.0) == pytest.approx(3.0)
+    assert cosine(5, 10, 3.0, 1.0) == pytest.approx(2.0)
+    assert cosine(15, 10, 3.0, 1.0) == pytest.approx(1.0)  # past the end: the end value
+    assert cosine(-1, 10, 3.0, 1.0) == pytest.approx(3.0)
+    assert cosine(1, 1, 3.0, 1.0) == pytest.approx(1.0)  # one iteration: its end at it=1
+    assert cosine(2, 0, 3.0, 1.0) == pytest.approx(1.0)  # no iterations: the end value after it
+
+
+def test_at_names_every_schedule(sched):
+    assert sched.iters_per_epoch == 100 and sched.total_iters == 1000
+    assert sched.at(300) == {"lr": sched.lr(300), "wd": sched.weight_decay(300),
+                             "teacher_momentum": sched.teacher_momentum(300), "teacher_temp": sched.teacher_temperature(300)}
+    assert sched.at(300) != sched.at(700)
