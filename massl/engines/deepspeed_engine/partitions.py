@@ -82,14 +82,15 @@ class Stage12:
             all_gather_into_(flat, own, pg)
 
     def full_state_dict(self) -> dict:
-        """Collective: the teacher's parameters in fp32 (from the accumulators) and its buffers."""
-        fulls = []
-        for flat, own, acc, pg in self.groups:
-            full = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
-            all_gather_into_(full, acc.contiguous(), pg)
-            fulls.append(full)
-        state = {self.names[tp]: fulls[i][o:o + tp.numel()].view(tp.shape) for i, o, tp in self.slots}
-        return {**state, **_buffers(self.teacher)}
+        """Collective: the teacher's parameters in fp32 (from the accumulators) and its buffers, on the
+        CPU of the main rank (other ranks: {}), gathered one tensor at a time."""
+        pieces = []
+        for i, offset, tp in self.slots:
+            flat, own, acc, pg = self.groups[i]
+            start = dist.get_rank(pg) * acc.numel()  # this rank's elements of the flat group: [start, start + len)
+            lo, hi = max(offset, start), min(offset + tp.numel(), start + acc.numel())
+            pieces.append((self.names[tp], tp.shape, lo - offset, acc[lo - start:hi - start] if lo < hi else acc[:0], pg))
+        return _assemble_on_main(pieces, self.teacher)
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict) -> None:
@@ -160,18 +161,15 @@ class Stage3:
             torch._foreach_copy_(self.ds_tensors, self.accs)
 
     def full_state_dict(self) -> dict:
-        """Collective: one all-gather of every piece, reassembled into whole fp32 tensors."""
-        world = dist.get_world_size(self.group)
-        local = torch.cat([a.reshape(-1) for a in self.accs])
-        gathered = torch.empty(world * local.numel(), dtype=torch.float32, device=local.device)
-        all_gather_into_(gathered, local, self.group)
-        gathered = gathered.view(world, -1)
-        state, offset = {}, 0
+        """Collective: the whole fp32 teacher on the CPU of the main rank (other ranks: {}), gathered
+        one tensor at a time (ZeRO-3 keeps the persistent small parameters whole: their pieces too)."""
+        rank = dist.get_rank(self.group)
+        pieces = []
         for name, shape, acc in zip(self.names, self.shapes, self.accs):
-            whole = gathered[:, offset:offset + acc.numel()].reshape(-1)
-            state[name] = whole[:shape.numel()].view(shape).clone()
-            offset += acc.numel()
-        return {**state, **_buffers(self.teacher)}
+            start = rank * acc.numel()
+            length = max(0, min(acc.numel(), shape.numel() - start))  # the last pieces are padded
+            pieces.append((name, shape, start, acc[:length], self.group))
+        return _assemble_on_main(pieces, self.teacher)
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict) -> None:
@@ -183,8 +181,26 @@ class Stage3:
         _load_buffers(self.teacher, state)
 
 
+def _assemble_on_main(pieces: list, teacher: nn.Module) -> dict:
+    """Collective: each (name, shape, start, this rank's elements from `start` on, group) reassembled
+    into a whole fp32 tensor on the main rank's CPU, one tensor at a time: each rank lays its
+    elements into a zero tensor of the parameter's size and the main rank receives their sum (a
+    reduce: exact, every element comes from one rank), so no rank holds more than one parameter
+    beyond its partitions on the device."""
+    main = dist.get_rank() == 0
+    state = {}
+    for name, shape, start, mine, group in pieces:
+        whole = torch.zeros(shape.numel(), dtype=torch.float32, device=mine.device)
+        whole[start:start + mine.numel()].copy_(mine)
+        dist.reduce(whole, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        if main:
+            state[name] = whole.view(shape).to("cpu")
+        del whole
+    return {**state, **_buffers(teacher)} if main else {}
+
+
 def _buffers(module: nn.Module) -> dict:
-    return {n: (b.float() if b.is_floating_point() else b) for n, b in module.named_buffers()}
+    return {n: (b.float() if b.is_floating_point() else b).to("cpu") for n, b in module.named_buffers()}
 
 
 @torch.no_grad()
