@@ -223,10 +223,10 @@ STUDENT_ONLY = {"compute_grad_norm", "zero_quantized_nontrainable_weights", "zer
 
 
 def teacher_config(student: dict) -> dict:
-    """ZeRO-3 only: the teacher's engine, without an optimiser. Every parameter is released after
-    use (persistence threshold 0), so the EMA, which writes the partitions, leaves no stale copy."""
+    """ZeRO-3 only: the teacher's engine, without an optimiser, partitioned like the student (same
+    persistence threshold: its small parameters stay gathered, refreshed after each EMA)."""
     zero = {k: v for k, v in student["zero_optimization"].items() if k not in STUDENT_ONLY}
-    zero.update(stage=3, stage3_param_persistence_threshold=0)
+    zero.update(stage=3)
     keep = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16", "steps_per_print",
             "wall_clock_breakdown", "timers", "communication_data_type")
     return {**{k: copy.deepcopy(student[k]) for k in keep if k in student}, "zero_optimization": zero}

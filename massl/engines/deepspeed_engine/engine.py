@@ -221,6 +221,8 @@ class DeepSpeedEngine(Engine):
                     else contextlib.nullcontext())
         with gathered:
             yield _CastInputModule(backbone, self.dtype)
+        if self.stage == 3:
+            self.partitions.regather_persistent()  # the gathered context released the persistent ones too
 
     def save(self, directory: str) -> None:
         checkpoint.save(self, directory)

@@ -15,7 +15,8 @@ foreach kernel with no communication and no rounding of the master (exact in bf1
 Its compute copy is what DeepSpeed would run: ZeRO-1/2 keep a full teacher in the compute dtype,
 its flat buffers laid out like the student's and all-gathered after each EMA (as DeepSpeed does
 for the student after its step); ZeRO-3 has a teacher engine of its own (no optimiser) whose
-`ds_tensor` partitions receive the accumulator, and gathers them in the teacher's forward.
+`ds_tensor` partitions receive the accumulator, and gathers them in the teacher's forward; its
+small persistent parameters stay gathered, refreshed after each EMA in one coalesced all-gather.
 """
 from __future__ import annotations
 
@@ -131,6 +132,9 @@ class Stage3:
                 raise RuntimeError(f"deepspeed: teacher {name}'s partition is not elements [r*n, (r+1)*n) of it")
             accs.append(ds if ds.dtype == torch.float32 else piece.clone())
         self.accs = accs
+        # ZeRO-3 keeps a parameter under stage3_param_persistence_threshold (biases, norms, small
+        # tokens) gathered after its first use: the EMA, which writes the partitions, refreshes them
+        self.persistent = [tp for _, tp, *_ in pairs if getattr(tp, "ds_persist", False)]
         self.refresh()
 
     @staticmethod
@@ -159,6 +163,17 @@ class Stage3:
         torch._foreach_lerp_(self.accs, self._masters, 1.0 - momentum)
         if self.accs[0] is not self.ds_tensors[0]:
             torch._foreach_copy_(self.ds_tensors, self.accs)
+        self.regather_persistent()
+
+    def regather_persistent(self) -> None:
+        """Collective: the persistent parameters' whole copies made again from the partitions just
+        written, in one coalesced all-gather (the stale copies released first, without communication)."""
+        if not self.persistent:
+            return
+        stale = [p for p in self.persistent if p.ds_status.name == "AVAILABLE"]
+        if stale:
+            stale[0].partition(param_list=stale, has_been_updated=False)
+        self.persistent[0].all_gather_coalesced(self.persistent).wait()
 
     def full_state_dict(self) -> dict:
         """Collective: the whole fp32 teacher on the CPU of the main rank (other ranks: {}), gathered
@@ -178,6 +193,7 @@ class Stage3:
             acc.copy_(self._piece(state[name].to(acc.device), rank, acc.numel()))
             if acc is not ds:
                 ds.copy_(acc)
+        self.regather_persistent()
         _load_buffers(self.teacher, state)
 
 
