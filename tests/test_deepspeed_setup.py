@@ -132,6 +132,24 @@ def test_the_teachers_config_never_quantizes_it(tmp_path):
     assert teacher_config(student)["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 5}
 
 
+def test_massl_train_refuses_a_bad_ds_config_in_one_line_before_any_work(tmp_path, digits_dir, capsys):
+    """massl-train: the engine's check runs right after validation, before data or models."""
+    from massl.cli import train_main
+    from tests.conftest import tiny_overrides
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_allreduce_op": "sum"}))
+    out = tmp_path / "run"
+    argv = tiny_overrides(os.path.join(digits_dir, "train"), str(out)) + [
+        "engine.name=deepspeed", f"engine.deepspeed_config={path}"]
+    with pytest.raises(SystemExit) as exited:
+        train_main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: engine.deepspeed_config: ") and "'gradient_allreduce_op'" in err, err
+    assert not out.exists()  # refused before the run's folder, data or models were made
+
+
 def test_massls_config_validation_imports_no_engine(tmp_path):
     """massl.config judges massl's own keys only (a deepspeed run with a ds_config file here); each
     engine checks its settings itself."""
