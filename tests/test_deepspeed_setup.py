@@ -89,11 +89,13 @@ def test_user_ds_config_unsupported_option_is_refused(tmp_path, options, key, st
         _check(_with_ds_config(tmp_path, options, stage))
 
 
-def test_refusals_are_judged_on_the_config_deepspeed_parsed(tmp_path):
+def test_refusals_are_judged_on_the_config_deepspeed_parsed(tmp_path, monkeypatch):
     """The same settings, past the file check, refused on what DeepSpeed made of them (the engine
     runs this after `deepspeed.initialize`): an alias DeepSpeed maps to offload is caught as offload."""
+    # the accelerator the engine would choose (DeepSpeed keeps its first one for the process)
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR")
+                       or ("cuda" if torch.cuda.is_available() else "cpu"))
     pytest.importorskip("deepspeed")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     named = {"zero_optimization.cpu_offload": "zero_optimization.offload_optimizer",
