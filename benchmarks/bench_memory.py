@@ -17,6 +17,14 @@ the ratios; at W = 1 the two layouts are the same computation ("single").
 
     python benchmarks/bench_memory.py                      # CPU, W = 1 and 2, about 3 minutes
     python benchmarks/bench_memory.py --device cuda        # one GPU: W = 1, chunking
+
+With `--save`, instead: the peak memory per rank of a checkpoint save with the `deepspeed` engine
+(W=2, ZeRO-2 and ZeRO-3, `--save-arch`, fp32): the engine's part and the teacher file, measured
+as above around the two writes, against the size of the fp32 teacher. The teacher is gathered to
+the main rank one tensor at a time: the other ranks add about one parameter, the main rank the
+teacher it writes (on its CPU).
+
+    python benchmarks/bench_memory.py --save --save-arch vit_small
 """
 from __future__ import annotations
 
@@ -120,6 +128,56 @@ def run_config(cfg: dict) -> dict:
             "bank_mib": max(r[2] for r in results) / 2**20}
 
 
+def _save_rank(rank, world, cfg):
+    """Build a deepspeed engine, then measure one save (engine part + teacher file) on this rank."""
+    import tempfile
+
+    import torch
+
+    from massl.checkpoint.teacher import TeacherFile
+    from massl.config import config_from_dict
+    from massl.dist import init_distributed
+    from massl.engines import build_engine
+    from massl.models import build_student_teacher
+
+    torch.set_num_threads(cfg["threads"])
+    run = config_from_dict({"run": {"device": "cpu", "precision": "fp32"}, "model": {"arch": cfg["arch"]},
+                            "engine": {"name": "deepspeed", "zero_stage": cfg["stage"]},
+                            "data": {"batch_size": 2}}, check_paths=False)
+    env = init_distributed("cpu")
+    torch.manual_seed(0)
+    engine = build_engine(run, env, *build_student_teacher(run))
+    teacher_bytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                        for p in engine.teacher_module.parameters()) * 4
+    with tempfile.TemporaryDirectory() as root:
+        for part in ("engine", "teacher"):
+            os.makedirs(os.path.join(root, part))
+        torch.distributed.barrier()
+        with _PeakMemory(env.device) as peak:
+            engine.save(os.path.join(root, "engine"))
+            TeacherFile(engine, env.is_main).save(os.path.join(root, "teacher"))
+            torch.distributed.barrier()
+    return peak.peak, teacher_bytes
+
+
+def run_save(args) -> list[dict]:
+    from massl.dist import run_local_ranks
+
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    rows = []
+    print(f"checkpoint save, deepspeed, {args.save_arch} fp32, W=2, cpu\n"
+          f"{'ZeRO':>4} {'teacher MiB':>11} {'peak MiB main':>13} {'peak MiB other':>14}")
+    for stage in (2, 3):
+        cfg = {"arch": args.save_arch, "stage": stage, "threads": args.threads}
+        results = run_local_ranks(_save_rank, 2, cfg, timeout=args.timeout)
+        row = {"zero_stage": stage, "teacher_mib": results[0][1] / 2**20, "peak_mib_main": results[0][0] / 2**20,
+               "peak_mib_other": max(r[0] for r in results[1:]) / 2**20}
+        rows.append(row)
+        print(f"{stage:>4} {row['teacher_mib']:>11.0f} {row['peak_mib_main']:>13.0f} {row['peak_mib_other']:>14.0f}",
+              flush=True)
+    return rows
+
+
 def _configs(args) -> list[dict]:
     base = {k: getattr(args, k) for k in ("device", "size", "dim", "views", "batch", "partition_size",
                                           "iters", "warmup", "threads", "timeout")}
@@ -160,8 +218,22 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/bench_memory_<device>.json)")
+    parser.add_argument("--save", action="store_true", help="measure a deepspeed checkpoint save instead (W=2)")
+    parser.add_argument("--save-arch", default="vit_small", help="model.arch of the --save rows")
     args = parser.parse_args(argv)
     args.worlds = args.worlds or ([1, 2] if args.device == "cpu" else [1])
+    if args.save:
+        rows = run_save(args)
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_memory_save.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"benchmark": "deepspeed checkpoint save (engine part + teacher file), peak per rank",
+                       "date": datetime.date.today().isoformat(), "machine": _machine("cpu"),
+                       "arch": args.save_arch, "world_size": 2,
+                       "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]},
+                      f, indent=1)
+        print(f"wrote {out}")
+        return
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_memory_{args.device}.json")
 

@@ -417,10 +417,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
                      "is required when data.source is webdataset (e.g. shards/train-{000000..000099}.tar)")
             _require(not d.manifest or os.path.isfile(d.manifest), "data.manifest",
                      f"file {d.manifest!r} does not exist (massl-shard writes manifest.json beside the shards)")
-        if cfg.engine.name == "deepspeed" and cfg.engine.deepspeed_config:
-            from .engines.deepspeed_engine.ds_config import read_user_config
-
-            read_user_config(cfg.engine.deepspeed_config)  # refuses what massl sets, naming the massl key
+        _require(not cfg.engine.deepspeed_config or os.path.isfile(cfg.engine.deepspeed_config),
+                 "engine.deepspeed_config", f"file {cfg.engine.deepspeed_config!r} does not exist")
         if r.resume not in ("auto", "never"):
             _require(os.path.isdir(r.resume), "run.resume",
                      f"must be auto, never or an existing checkpoint directory, got {r.resume!r}")

@@ -18,7 +18,7 @@ from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
 from .data import build_data
 from .dist import DistEnv, all_reduce_, barrier, init_distributed, world_of
-from .engines import Engine, build_engine
+from .engines import Engine, build_engine, engine_class
 from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
 from .flops import peak_flops, step_flops_per_image
@@ -232,6 +232,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     env = env or init_distributed(cfg.run.device)
     setup_logging(env.rank, cfg.run.log_all_ranks)
     validate(cfg, env.world_size, device_type=env.device.type)
+    engine_class(cfg.engine.name).check_config(cfg, env)  # the engine's own settings (e.g. a ds_config file)
     prepare_process(cfg, env)
     knn = PeriodicKNN(cfg, env)  # opens the evaluation inputs: a bad one fails before any work
     run = build_run(cfg, env)

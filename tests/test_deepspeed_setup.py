@@ -10,40 +10,105 @@ import sys
 import pytest
 import yaml
 
+import torch
+
 from massl.config import ConfigError, config_from_dict
-from massl.dist import launcher_ranks
-from massl.engines.deepspeed_engine.ds_config import student_config, teacher_config
+from massl.dist import DistEnv, launcher_ranks
+from massl.engines.deepspeed_engine.ds_config import check_built, student_config, teacher_config
+from massl.engines.deepspeed_engine.engine import DeepSpeedEngine
 from tests.distributed import free_port
 from tests.engines_common import read_metrics, tiny_config, write_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _with_ds_config(tmp_path, options: dict) -> dict:
+def _with_ds_config(tmp_path, options: dict, stage: int = 3) -> dict:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(options))
     tmp_path.joinpath("images").mkdir(exist_ok=True)
     return tiny_config(str(tmp_path / "images"), str(tmp_path / "run"), "deepspeed", 2,
-                       engine={"zero_stage": 3, "deepspeed_config": str(path)})
+                       engine={"zero_stage": stage, "deepspeed_config": str(path)})
+
+
+def _check(cfg_dict: dict, precision: str = "fp32"):
+    """The engine's check of its settings, as `train` runs it after validation (W=2, before any model)."""
+    cfg_dict["run"]["precision"] = precision
+    cfg = config_from_dict(cfg_dict)
+    DeepSpeedEngine.check_config(cfg, DistEnv(rank=0, world_size=2, device=torch.device("cpu")))
+    return cfg
 
 
 @pytest.mark.parametrize("options, key, massl_key", [
-    ({"train_batch_size": 64}, "'train_batch_size'", "data.batch_size"),
+    ({"train_batch_size": 64}, "'train_batch_size' to 64", "data.batch_size"),  # massl's: 4 per rank x 2
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "'optimizer'", "optim.name"),
-    ({"zero_optimization": {"stage": 2}}, "'zero_optimization.stage'", "engine.zero_stage"),
-    ({"gradient_clipping": 1.0}, "'gradient_clipping'", "optim.clip_grad"),
-    ({"bf16": {"enabled": True}}, "'bf16'", "run.precision"),
+    ({"zero_optimization": {"stage": 2}}, "'zero_optimization.stage' to 2", "engine.zero_stage"),
+    ({"gradient_clipping": 1.0}, "'gradient_clipping' to 1.0", "optim.clip_grad"),
+    ({"bf16": {"enabled": True}}, "'bf16.enabled' to True", "run.precision"),
+    ({"fp16": {"enabled": True}}, "'fp16.enabled' to True", "run.precision"),
+    ({"fp16": {"loss_scale": 128}}, "'fp16.loss_scale' to 128", "run.precision"),
 ])
-def test_user_ds_config_may_not_set_what_massl_owns(tmp_path, options, key, massl_key):
+def test_user_ds_config_conflicting_with_massl_names_both_keys(tmp_path, options, key, massl_key):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(_with_ds_config(tmp_path, options))
+        _check(_with_ds_config(tmp_path, options))
     message = str(e.value)
     assert message.startswith("engine.deepspeed_config: ") and key in message and massl_key in message, message
 
 
-def test_user_ds_config_unsupported_option_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="'zero_optimization.offload_optimizer'.*does not support"):
-        config_from_dict(_with_ds_config(tmp_path, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+def test_user_ds_config_repeating_massls_values_is_accepted(tmp_path):
+    """A ds_config written for DeepSpeed alone (batch sizes, precision, stage, no clipping: massl's
+    values, or "auto"), with the fp16 loss scaler's settings and harmless "off" values."""
+    scaler = {"initial_scale_power": 12, "loss_scale_window": 500, "hysteresis": 3, "min_loss_scale": 1}
+    options = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+               "gradient_clipping": 0, "bf16": {"enabled": False}, "fp16": {"enabled": "auto", **scaler},
+               "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1, "mics_shard_size": -1}}
+    cfg = _check(_with_ds_config(tmp_path, options))
+    ds = student_config(cfg, "fp32")
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["fp16"] == {"enabled": False, "loss_scale": 0, **scaler}
+    assert ds["zero_optimization"] == {"stage": 3, "zero_hpz_partition_size": 1}  # MiCS's key: DeepSpeed rejects it
+    _check(_with_ds_config(tmp_path, {"bf16": {"enabled": True}}), precision="bf16")
+
+
+# (options, the key named, ZeRO stage): each would train wrong or crash if DeepSpeed ran it
+REFUSED = [
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "zero_optimization.offload_optimizer", 3),
+    ({"zero_optimization": {"offload_param": {"device": "nvme"}}}, "zero_optimization.offload_param", 3),
+    ({"zero_optimization": {"cpu_offload": True}}, "zero_optimization.cpu_offload", 2),  # deprecated aliases
+    ({"zero_optimization": {"cpu_offload_param": True}}, "zero_optimization.cpu_offload_param", 3),
+    ({"gradient_allreduce_op": "sum"}, "gradient_allreduce_op", 2),  # gradients W times too large
+    ({"prescale_gradients": True, "gradient_predivide_factor": 2.0}, "prescale_gradients", 2),
+    ({"zero_optimization": {"round_robin_gradients": True}}, "zero_optimization.round_robin_gradients", 2),
+    ({"zero_optimization": {"zero_quantized_nontrainable_weights": True}},
+     "zero_optimization.zero_quantized_nontrainable_weights", 3),  # would quantize the teacher
+    ({"zero_optimization": {"zero_hpz_partition_size": 2}}, "zero_optimization.zero_hpz_partition_size", 3),
+]
+
+
+@pytest.mark.parametrize("options, key, stage", REFUSED)
+def test_user_ds_config_unsupported_option_is_refused(tmp_path, options, key, stage):
+    with pytest.raises(ConfigError, match=f"'{key}'.*does not support"):
+        _check(_with_ds_config(tmp_path, options, stage))
+
+
+def test_refusals_are_judged_on_the_config_deepspeed_parsed(tmp_path, monkeypatch):
+    """The same settings, past the file check, refused on what DeepSpeed made of them (the engine
+    runs this after `deepspeed.initialize`): an alias DeepSpeed maps to offload is caught as offload."""
+    # the accelerator the engine would choose (DeepSpeed keeps its first one for the process)
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR")
+                       or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    named = {"zero_optimization.cpu_offload": "zero_optimization.offload_optimizer",
+             "zero_optimization.cpu_offload_param": "zero_optimization.offload_param"}
+    for i, (options, key, stage) in enumerate(REFUSED):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        cfg = config_from_dict(_with_ds_config(folder, options, stage))
+        parsed = DeepSpeedConfig(student_config(cfg, "fp32"))
+        with pytest.raises(ConfigError, match=f"'{named.get(key, key)}'.*does not support"):
+            check_built(parsed)
+    check_built(DeepSpeedConfig(student_config(_check(_with_ds_config(tmp_path, {"zero_optimization": {
+        "zero_hpz_partition_size": 1, "mics_shard_size": -1}})), "fp32")))
 
 
 def test_user_ds_config_is_merged_into_massls(tmp_path):
@@ -55,9 +120,47 @@ def test_user_ds_config_is_merged_into_massls(tmp_path):
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size and ds["gradient_accumulation_steps"] == 1
     assert ds["gradient_clipping"] == 0.0 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["communication_data_type"] == "bf16" and "optimizer" not in ds and "scheduler" not in ds
+    assert ds["timers"]["throughput"] == {"enabled": False, "synchronized": False}  # its device syncs
     teacher = teacher_config(ds)
-    assert teacher["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # no stale gathered copies
-    assert "optimizer" not in teacher and teacher["bf16"] == ds["bf16"]
+    assert "stage3_param_persistence_threshold" not in teacher["zero_optimization"]  # DeepSpeed's, as the student's
+    assert "optimizer" not in teacher and teacher["bf16"] == ds["bf16"] and teacher["timers"] == ds["timers"]
+
+
+def test_the_teachers_config_never_quantizes_it(tmp_path):
+    """Options for the student's optimiser and gradients stay out of the teacher engine's config
+    (its weights are not trained: `zero_quantized_nontrainable_weights` would quantize all of them)."""
+    student = {"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True,
+                                     "zero_quantized_weights": True, "reduce_bucket_size": 5}}
+    assert teacher_config(student)["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 5}
+
+
+def test_massl_train_refuses_a_bad_ds_config_in_one_line_before_any_work(tmp_path, digits_dir, capsys):
+    """massl-train: the engine's check runs right after validation, before data or models."""
+    from massl.cli import train_main
+    from tests.conftest import tiny_overrides
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_allreduce_op": "sum"}))
+    out = tmp_path / "run"
+    argv = tiny_overrides(os.path.join(digits_dir, "train"), str(out)) + [
+        "engine.name=deepspeed", f"engine.deepspeed_config={path}"]
+    with pytest.raises(SystemExit) as exited:
+        train_main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: engine.deepspeed_config: ") and "'gradient_allreduce_op'" in err, err
+    assert not out.exists()  # refused before the run's folder, data or models were made
+
+
+def test_massls_config_validation_imports_no_engine(tmp_path):
+    """massl.config judges massl's own keys only (a deepspeed run with a ds_config file here); each
+    engine checks its settings itself."""
+    cfg = _with_ds_config(tmp_path, {"zero_optimization": {"reduce_bucket_size": 1000}})
+    code = ("import json, sys; from massl.config import config_from_dict; "
+            f"config_from_dict(json.loads({json.dumps(json.dumps(cfg))})); "
+            "print(sorted(m for m in sys.modules if m.startswith('massl.engines')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_deepspeed_keys_without_deepspeed_are_refused(tmp_path):

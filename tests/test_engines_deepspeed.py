@@ -3,23 +3,27 @@
 One pair of processes (W=2) trains, one after the other, ddp and ZeRO 1, 2, 3 with per-parameter
 clipping, the same with global clipping, and ZeRO-3 with activation checkpointing (tiny ViT,
 fp32, SGD, BatchNorm head, clipping active at every step; two runs with the example
-configs/deepspeed/zero{2,3}.json), and ZeRO-3 with AdamW; the tests of this module share them:
+configs/deepspeed/zero{2,3}.json); another pair trains ZeRO-2 and ZeRO-3 with AdamW (checkpoint
+at step 4, three steps more). The tests of this module share them:
 - every ZeRO stage gives ddp's losses step by step and ddp's teacher weights, in both clip modes,
   and ZeRO-3 gives the same losses with and without activation checkpointing;
-- a ZeRO-3 W=2 AdamW checkpoint resumes at W=1 and W=4 (DeepSpeed's universal conversion) with the
-  W=2 teacher's features and memory, and training on gives the W=2 run's next loss; at W=4
-  (parameters split unevenly) the engine's clipping of the gradient fragments matches clipping
-  the full gradients in float64;
-- its teacher, read without a process group, loads strictly into timm with the ZeRO-3 teacher's
-  features;
+- the ZeRO-2 and ZeRO-3 W=2 AdamW checkpoints resume at W=1 and W=4 (DeepSpeed's universal
+  conversion; one set of processes per world size); ZeRO-3's with the W=2 teacher's features and
+  memory; every step after the resume gives the W=2 run's loss; at W=4 (parameters split
+  unevenly) the engine's clipping of the gradient fragments matches clipping the full gradients
+  in float64;
+- the ZeRO-3 teacher, read without a process group, loads strictly into timm with its features;
 - an SGD checkpoint (its momentum is not in DeepSpeed's universal format) at another world size
   is refused with what to do.
-A separate one-rank bf16 run checks that a step DeepSpeed skips (non-finite gradient) is counted
-and moves neither student, teacher nor memory.
+A separate one-rank process checks that a step DeepSpeed skips (non-finite gradient; bf16 ZeRO-2
+and fp32 ZeRO-3) is counted and moves neither student, teacher nor memory.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -50,12 +54,16 @@ FEATURE_TOL = 1e-5
 STAGES = (1, 2, 3)
 MODES = ("per_param", "global")
 ADAMW = {"optim": {"name": "adamw", "lr": 0.05}}
+RESUME_STAGES = (2, 3)
+LAST = 7  # the AdamW runs' last step: three steps after their step-4 checkpoint
 
 
 def _train_all(rank, world, configs: dict, features_of: str, checkpoint: str, images):
     """Train every config in turn in these processes, then the features of one run's checkpoint."""
     for cfg in configs.values():
         train(config_from_dict(cfg))
+    if features_of is None:
+        return None
     return teacher_features(*build_and_load(configs[features_of], checkpoint), images)
 
 
@@ -92,13 +100,25 @@ def runs(tmp_path_factory, images):
     # the example ds_config files, merged into massl's (DeepSpeed's options do not change the result)
     for name, stage in (("zero3_ac", 3), ("zero2_global", 2)):
         configs[name]["engine"]["deepspeed_config"] = os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.json")
-    # DeepSpeed's universal checkpoints (another world size) carry Adam's state only
-    configs["zero3_adamw"] = tiny_config(data, str(root / "zero3_adamw"), "deepspeed", 2, **ADAMW,
-                                         engine={"zero_stage": 3})
-    for name, cfg in configs.items():
-        cfg["run"]["checkpoint_every"] = 4 if name == "zero3_adamw" else 1000  # and at the last step
+    for cfg in configs.values():
+        cfg["run"]["checkpoint_every"] = 1000  # at the last step only
+    run_ranks(_train_all, 2, configs, None, None, images, timeout=1200)
+    return {"data": data, "root": root, "configs": configs}
+
+
+@pytest.fixture(scope="module")
+def adamw_runs(tmp_path_factory, images):
+    """ZeRO-2 and ZeRO-3 with AdamW (DeepSpeed's universal checkpoints, for another world size, carry
+    Adam's state only), checkpointed at step 4 and run three steps further (Adam's step counters
+    go wrong from the second step after a resume on)."""
+    root = tmp_path_factory.mktemp("deepspeed_adamw")
+    data = write_images(str(root / "images"))
+    configs = {f"zero{stage}_adamw": tiny_config(data, str(root / f"zero{stage}_adamw"), "deepspeed", 2, **ADAMW,
+                                                 run={"max_steps": LAST, "checkpoint_every": 4},
+                                                 engine={"zero_stage": stage})
+               for stage in RESUME_STAGES}
     features = run_ranks(_train_all, 2, configs, "zero3_adamw", step_dir(configs["zero3_adamw"]["run"]["output_dir"], 4),
-                         images)[0]
+                         images, timeout=1200)[0]
     return {"data": data, "root": root, "configs": configs, "zero3_features": features}
 
 
@@ -124,6 +144,8 @@ def test_zero_stages_give_ddp_losses_and_teacher(runs, mode):
         name = f"zero{stage}_{mode}"
         _assert_losses_match(losses(_out(runs, name)), ref, range(1, 6), name)
         teacher = read_teacher_state_dict(step_dir(_out(runs, name), 5))
+        # one teacher file per checkpoint (teacher/), none in the engine's folder
+        assert "teacher.safetensors" not in os.listdir(os.path.join(step_dir(_out(runs, name), 5), "engine")), name
         assert sorted(teacher) == sorted(ref_teacher)
         for key, want in ref_teacher.items():
             assert teacher[key].dtype == want.dtype, f"{name} teacher {key}"
@@ -134,13 +156,41 @@ def test_zero3_activation_checkpointing_gives_the_same_losses(runs):
     _assert_losses_match(losses(_out(runs, "zero3_ac")), losses(_out(runs, "zero3_per_param")), range(1, 6), "zero3_ac")
 
 
+def _resume_stages(rank, world, cfgs: dict, images):
+    """Resume each ZeRO stage's W=2 checkpoint at this world size in the same processes; ZeRO-3 also
+    gives its teacher's features and its clipping error, before training on."""
+    out = {}
+    for stage, cfg in cfgs.items():
+        source = cfg["run"]["resume"]
+        if stage == 3:
+            out[stage] = resume_elsewhere(rank, world, cfg, source, images, _clip_error, MODES)
+        else:
+            train(config_from_dict(cfg))
+    return out
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 4])
-def test_zero3_checkpoint_resumes_at_another_world_size(runs, images, world):
-    source = step_dir(_out(runs, "zero3_adamw"), 4)
-    cfg = tiny_config(runs["data"], str(runs["root"] / f"zero3_w{world}"), "deepspeed", world, **ADAMW,
-                      run={"resume": source}, engine={"zero_stage": 3})
-    got = run_ranks(resume_elsewhere, world, cfg, source, images, _clip_error, MODES)[0]
-    ref = runs["zero3_features"]
+def test_zero_checkpoints_resume_at_another_world_size(adamw_runs, images, world):
+    """W=2 -> 1 and W=2 -> 4 through DeepSpeed's universal conversion, ZeRO-2 and ZeRO-3 with AdamW:
+    every step after the resume (three, so that Adam's per-group step counters matter) equals the
+    uninterrupted W=2 run's. At W=1 from checkpoints of the earlier layout (a second teacher file
+    in the engine's folder); at W=4 with activation checkpointing toggled on."""
+    root = adamw_runs["root"]
+    sources = {stage: step_dir(_out(adamw_runs, f"zero{stage}_adamw"), 4) for stage in RESUME_STAGES}
+    if world == 1:  # the earlier layout: a copy of the teacher in the engine's folder too
+        for stage, source in sources.items():
+            sources[stage] = str(root / f"zero{stage}_earlier_layout")
+            shutil.copytree(source, sources[stage])
+            shutil.copy(os.path.join(source, "teacher", "teacher.safetensors"),
+                        os.path.join(sources[stage], "engine", "teacher.safetensors"))
+    # at W=4 with activation checkpointing, which the W=2 runs had off (parameter names must not change)
+    engine = {"activation_checkpointing": "full" if world == 4 else "none"}
+    cfgs = {stage: tiny_config(adamw_runs["data"], str(root / f"zero{stage}_w{world}"), "deepspeed", world, **ADAMW,
+                               run={"resume": sources[stage], "max_steps": LAST}, engine={"zero_stage": stage, **engine})
+            for stage in RESUME_STAGES}
+    got = run_ranks(_resume_stages, world, cfgs, images, timeout=1200)[0][3]
+    ref = adamw_runs["zero3_features"]
     np.testing.assert_array_equal(got["memory"], ref["memory"])
     assert got["ptr"] == ref["ptr"]
     for key in ("backbone", "head"):
@@ -148,9 +198,11 @@ def test_zero3_checkpoint_resumes_at_another_world_size(runs, images, world):
     if world > 1:
         for mode, err in got["clip_error"].items():
             assert err < 1e-5, f"{mode} clipping of ZeRO-3 gradient fragments is off by {err}"
-    resumed = losses(cfg["run"]["output_dir"])
-    assert sorted(resumed) == [5]
-    _assert_losses_match(resumed, losses(_out(runs, "zero3_adamw")), [5], f"W={world}")
+    for stage, cfg in cfgs.items():
+        resumed = losses(cfg["run"]["output_dir"])
+        assert sorted(resumed) == list(range(5, LAST + 1))
+        ref_losses = losses(_out(adamw_runs, f"zero{stage}_adamw"))
+        _assert_losses_match(resumed, ref_losses, resumed, f"ZeRO-{stage} W=2 -> {world}")
 
 
 def _resume(rank, world, cfg_dict):
@@ -171,19 +223,42 @@ def test_another_world_size_without_adam_state_is_refused(runs):
     assert message.startswith("run.resume: ") and "2 ranks" in message and "optim.name=adamw" in message, message
 
 
-def test_exported_zero3_teacher_loads_strictly_into_timm(runs, images, tmp_path):
+def test_exported_zero3_teacher_loads_strictly_into_timm(adamw_runs, images, tmp_path):
     """massl-export's code path, in this process (no process group, no DeepSpeed needed to read)."""
     out = str(tmp_path / "teacher.safetensors")
-    spec = export_teacher(step_dir(_out(runs, "zero3_adamw"), 4), out)
+    spec = export_teacher(step_dir(_out(adamw_runs, "zero3_adamw"), 4), out)
     model = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
     model.load_state_dict(load_file(out), strict=True)
     with torch.no_grad():
         feats = model.eval()(images)
-    np.testing.assert_allclose(feats.numpy(), runs["zero3_features"]["backbone"], rtol=FEATURE_TOL, atol=FEATURE_TOL)
+    np.testing.assert_allclose(feats.numpy(), adamw_runs["zero3_features"]["backbone"], rtol=FEATURE_TOL,
+                               atol=FEATURE_TOL)
 
 
-def _overflow_then_normal_step(rank, world, cfg_dict):
-    """A bf16 step with a non-finite gradient (a NaN pixel), then a normal one: what each changed."""
+def test_zero_to_fp32_consolidates_the_student(adamw_runs, tmp_path):
+    """docs/engines.md's command: DeepSpeed's script in the engine folder, with the tag."""
+    checkpoint = step_dir(_out(adamw_runs, "zero3_adamw"), 4)
+    script = os.path.join(checkpoint, "engine", "zero_to_fp32.py")
+    out = str(tmp_path / "student")
+    done = subprocess.run([sys.executable, script, os.path.join(checkpoint, "engine"), out, "-t", "zero"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    (name,) = os.listdir(out)
+    state = torch.load(os.path.join(out, name), weights_only=True)
+    torch.manual_seed(0)
+    student = build_student_teacher(config_from_dict(adamw_runs["configs"]["zero3_adamw"]))[0]
+    params = {k: tuple(p.shape) for k, p in student.named_parameters()}
+    assert {k: tuple(state[k].shape) for k in params if k in state} == params  # (and buffers)
+    assert set(state) <= set(student.state_dict()) and all(state[k].dtype == torch.float32 for k in params)
+
+
+def _overflow_then_normal_step(rank, world, cfg_dicts: list) -> list:
+    """For each config in turn: a step with a non-finite gradient (a NaN pixel), then a normal one:
+    what each changed."""
+    return [_overflow_then_normal_step_of(cfg_dict) for cfg_dict in cfg_dicts]
+
+
+def _overflow_then_normal_step_of(cfg_dict) -> dict:
     cfg = config_from_dict(cfg_dict)
     env = init_distributed(cfg.run.device)
     torch.manual_seed(0)
@@ -207,6 +282,11 @@ def _overflow_then_normal_step(rank, world, cfg_dict):
         skipped.append(float(out["skipped_steps"]))
         applied.append(engine.step_applied())
         states.append(snapshot())
+    # the periodic k-NN's path (the teacher's backbone gathered alone), then a step again
+    with torch.no_grad(), engine.teacher_backbone() as backbone:
+        features = backbone(crops[0])
+    train_step(engine, memory, [c.clone() for c in crops], cfg, 2, h, env.group)
+    assert bool(torch.isfinite(features).all()) and engine.step_applied()
     moved = []
     for before, after in zip(states[:-1], states[1:]):
         moved.append({
@@ -216,12 +296,18 @@ def _overflow_then_normal_step(rank, world, cfg_dict):
     return {"skipped": skipped, "applied": applied, "moved": moved}
 
 
-def test_a_skipped_bf16_step_moves_neither_teacher_nor_memory(tmp_path):
-    """DeepSpeed skips a bf16 step whose gradient is not finite (check_grad_overflow): the step is
-    counted, and the student, the teacher and the memory stay as they were; the next step moves all three."""
-    cfg = tiny_config(str(tmp_path), str(tmp_path / "bf16"), "deepspeed", 1, run={"precision": "bf16"},
-                      **ADAMW, engine={"zero_stage": 2})
-    got = run_ranks(_overflow_then_normal_step, 1, cfg)[0]
-    assert got["skipped"] == [1.0, 1.0] and got["applied"] == [False, True]
-    assert got["moved"][0] == {"teacher": False, "student": False, "memory": False}
-    assert got["moved"][1] == {"teacher": True, "student": True, "memory": True}
+SKIPPING = [("bf16", 2), ("fp32", 3)]  # bf16: DeepSpeed's overflow check; ZeRO-3: a non-finite norm, any precision
+
+
+def test_a_skipped_step_moves_neither_teacher_nor_memory(tmp_path):
+    """DeepSpeed skips a step whose gradient is not finite (bf16's check_grad_overflow; ZeRO-3's
+    norm check, also in fp32): the step is counted, and the student, the teacher and the memory stay
+    as they were; the next step moves all three. One process for both."""
+    cfgs = [tiny_config(str(tmp_path), str(tmp_path / f"{precision}_zero{stage}"), "deepspeed", 1,
+                        run={"precision": precision}, **ADAMW, engine={"zero_stage": stage})
+            for precision, stage in SKIPPING]
+    for (precision, stage), got in zip(SKIPPING, run_ranks(_overflow_then_normal_step, 1, cfgs, timeout=900)[0]):
+        what = f"{precision} ZeRO-{stage}"
+        assert got["skipped"] == [1.0, 1.0] and got["applied"] == [False, True], (what, got)
+        assert got["moved"][0] == {"teacher": False, "student": False, "memory": False}, (what, got)
+        assert got["moved"][1] == {"teacher": True, "student": True, "memory": True}, (what, got)

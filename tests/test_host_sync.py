@@ -17,10 +17,15 @@ ViT-S/16 step; `test_counter_sees_host_reads` shows the counter reporting them).
 Engines: single (W=1), ddp, fsdp and deepspeed ZeRO 1, 2, 3 (W=2). ZeRO-3 is the one exception,
 pinned here: DeepSpeed's own stage-3 `step` reads its gradient-norm overflow flag once per step,
 and during its first steps (while it records the parameter-fetch trace) its coordinator checks
-that every rank agrees, with hundreds of reads; the counted step comes after that.
+that every rank agrees, with hundreds of reads; the counted step comes after that. The DeepSpeed
+step also counts DeepSpeed's calls of its accelerator's `synchronize` (a full device sync on a GPU,
+a no-op on the CPU, so the op counter cannot see them): none, at every stage (its throughput
+timer, which made two per step, is off in massl's config).
 The same check runs on CUDA in tests/test_gpu.py.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -110,12 +115,34 @@ def test_parallel_engines_step_has_no_host_sync():
             assert_no_host_sync(result, f"{engine} rank {rank} {VARIANTS[i]}")
 
 
+def _count_accelerator_syncs() -> list:
+    """Count DeepSpeed's device synchronizations (`get_accelerator().synchronize()`: a no-op on the
+    CPU, a full device sync on a GPU) by wrapping the accelerator's method; returns the call log."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator, calls = get_accelerator(), []
+    synchronize = accelerator.synchronize
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return synchronize(*args, **kwargs)
+
+    accelerator.synchronize = counted
+    return calls
+
+
 def _deepspeed_ranks(rank, world):
     env = DistEnv(rank=rank, world_size=world, device=torch.device("cpu"), group=torch.distributed.group.WORLD)
     settings = [(1, 0), (2, 0), (2, 1), (3, 0)]  # (ZeRO stage, variant)
-    return {(stage, i): count_loop_step(tiny_config("deepspeed", **VARIANTS[i], **{"engine.zero_stage": stage}), env,
-                                        steps=5)
-            for stage, i in settings}
+    calls = _count_accelerator_syncs()
+    results = {}
+    for stage, i in settings:
+        after_step = []  # the sync count at the end of each step
+        results[(stage, i)] = count_loop_step(tiny_config("deepspeed", **VARIANTS[i], **{"engine.zero_stage": stage}),
+                                              env, steps=5, extra=lambda out: after_step.append(len(calls)))
+        results[(stage, i)]["accelerator_syncs"] = after_step[-1] - after_step[-2]
+    return results
 
 
 def test_deepspeed_step_has_no_host_sync_but_zero3s_own():
@@ -123,6 +150,8 @@ def test_deepspeed_step_has_no_host_sync_but_zero3s_own():
     for rank, results in enumerate(run_ranks(_deepspeed_ranks, 2, timeout=900)):
         for (stage, i), result in results.items():
             what = f"deepspeed ZeRO-{stage} rank {rank} {VARIANTS[i]}"
+            # no device synchronization of DeepSpeed's own (its throughput timer made two per step)
+            assert result["accelerator_syncs"] == 0, (what, result)
             if stage < 3:
                 assert_no_host_sync(result, what)
             else:

@@ -65,6 +65,11 @@ class Engine(abc.ABC):
     student: nn.Module
     teacher: nn.Module
 
+    @classmethod
+    def check_config(cls, cfg, env) -> None:
+        """Checks of the run's config that only this engine knows (ConfigError), cheap: the loop calls
+        it right after config validation, before any data or model is built."""
+
     @abc.abstractmethod
     def autocast(self): ...
 

@@ -4,9 +4,14 @@
         zero/                  DeepSpeed's save_checkpoint with the explicit tag `zero` and no
                                `latest` file: model states (module, buffers, step counters, loss
                                scaler) and each rank's optimiser partition
-        zero_to_fp32.py        DeepSpeed's consolidation scripts (the student's fp32 weights)
-        teacher.safetensors    the whole teacher in fp32 (parameters from the EMA accumulators)
+        zero_to_fp32.py        DeepSpeed's consolidation scripts (the student's fp32 weights:
+                               `python zero_to_fp32.py <checkpoint>/engine OUT -t zero`)
         layout.json            world size, ZeRO stage, precision, DeepSpeed version
+
+The teacher is not here: the checkpoint's `teacher/teacher.safetensors` (written for every engine
+from `teacher_state_dict()`, gathered once, to the main rank) is the whole teacher in fp32, and
+the resume reads it. Checkpoints of the earlier layout also hold `engine/teacher.safetensors` (the
+same tensors); it is read when present.
 
 The checkpoint manager makes the whole folder atomic: DeepSpeed writes into the temporary
 checkpoint directory and the manifest seals it, so a partial save is never loaded; loading
@@ -34,7 +39,16 @@ from ...fileio import write_json_atomic
 FORMAT = "deepspeed"
 TAG = "zero"
 TEACHER_FILE = "teacher.safetensors"
+# the checkpoint's teacher part, beside this engine folder (massl.checkpoint.teacher.TEACHER_PATH;
+# not imported: the checkpoint package imports the engines)
+CHECKPOINT_TEACHER = os.path.join(os.pardir, "teacher", TEACHER_FILE)
 LAYOUT_FILE = "layout.json"
+
+
+def teacher_file(directory: str) -> str:
+    """The teacher file of a `deepspeed` engine directory: its own (earlier layout) or the checkpoint's."""
+    own = os.path.join(directory, TEACHER_FILE)
+    return own if os.path.isfile(own) else os.path.normpath(os.path.join(directory, CHECKPOINT_TEACHER))
 
 
 def read_teacher_state_dict(directory: str) -> dict:
@@ -42,18 +56,13 @@ def read_teacher_state_dict(directory: str) -> dict:
     group and without DeepSpeed (safetensors: nothing is unpickled)."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(directory, TEACHER_FILE))
+    return load_file(teacher_file(directory))
 
 
 def save(engine, directory: str) -> None:
-    """Collective."""
+    """Collective. The teacher is the checkpoint's teacher part (not written here)."""
     engine.ds.save_checkpoint(directory, tag=TAG, client_state={}, save_latest=False)
-    teacher = engine.partitions.full_state_dict()
     if engine.env.is_main:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in teacher.items()},
-                  os.path.join(directory, TEACHER_FILE))
         write_json_atomic(os.path.join(directory, LAYOUT_FILE), {
             "world_size": engine.env.world_size, "zero_stage": engine.stage, "precision": engine.precision,
             "tag": TAG, "deepspeed": engine.deepspeed.__version__})
@@ -81,14 +90,27 @@ def load(engine, directory: str) -> None:
         engine.ds._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"deepspeed: no checkpoint with tag {TAG!r} under {load_dir}")
+    own_step_counters_(engine.ds.optimizer.optimizer)
     from safetensors.torch import load_file
 
-    engine.partitions.load_full_state_dict(load_file(os.path.join(directory, TEACHER_FILE),
-                                                     device=str(engine.env.device)))
+    engine.partitions.load_full_state_dict(load_file(teacher_file(directory)))  # CPU; moved tensor by tensor
     if universal:
         barrier(engine.group)
         if engine.env.is_main:
             shutil.rmtree(load_dir, ignore_errors=True)
+
+
+def own_step_counters_(optimizer: torch.optim.Optimizer) -> None:
+    """Give each flat group's optimiser state a `step` counter of its own, where the optimiser keeps
+    it. DeepSpeed 0.19.8's stage-3 universal loader gives every group one shared CPU tensor (a fused
+    AdamW then advances it once per group and step: wrong from the second step after the resume on),
+    and both universal loaders leave it on the CPU, where a fused or capturable optimiser on an
+    accelerator cannot use it."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for param, state in optimizer.state.items():
+        if "step" in state:
+            device = param.device if on_device else torch.device("cpu")
+            state["step"] = torch.as_tensor(state["step"]).to(device=device, dtype=torch.float32, copy=True)
 
 
 def _convert_to_universal(engine, directory: str) -> str:

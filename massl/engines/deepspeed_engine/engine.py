@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 
@@ -56,13 +57,21 @@ def import_deepspeed(device: torch.device):
 
 
 def init_deepspeed_comm(deepspeed, device: torch.device) -> None:
-    """DeepSpeed's communication layer over our process group. On the CPU, with LOCAL_SIZE set (the
-    deepspeed launcher sets it), DeepSpeed also sets up a shared-memory all-reduce for inference,
-    whose start-up hung on the machines we test on; massl never uses it, so it is left off."""
-    local_size = os.environ.pop("LOCAL_SIZE", None) if device.type == "cpu" else None
+    """DeepSpeed's communication layer over our process group. On the CPU DeepSpeed would also
+    JIT-build (about a minute, once per torch extensions folder) and, with LOCAL_SIZE set (the
+    deepspeed launcher sets it), start a shared-memory all-reduce for inference, whose start-up hung
+    on the machines we test on; massl never uses it, so it is neither built nor started."""
+    cpu = device.type == "cpu"
+    local_size = os.environ.pop("LOCAL_SIZE", None) if cpu else None
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is also torch itself)
+
+    build_shm_op = ds_torch_comm.build_shm_op
+    if cpu:
+        ds_torch_comm.build_shm_op = lambda: None
     try:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     finally:
+        ds_torch_comm.build_shm_op = build_shm_op
         if local_size is not None:
             os.environ["LOCAL_SIZE"] = local_size
 
@@ -93,6 +102,20 @@ class _CastInputModule(nn.Module):
         return self.inner(x.to(self.dtype)).float()
 
 
+def _names_without_checkpoint_wrapper(ds) -> None:
+    """DeepSpeed names parameters (in its checkpoints' shapes and fragment maps, and in the folders of
+    a universal checkpoint) by `named_parameters()`, which carries the activation-checkpointing
+    wrapper's prefix: strip it, as the state dicts do, so a checkpoint converts and loads whatever
+    engine.activation_checkpointing was when it was written."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
+    for names in {id(ds.param_names): ds.param_names, id(ds.optimizer.param_names): ds.optimizer.param_names}.values():
+        for p, name in names.items():
+            names[p] = name.replace(_CHECKPOINT_PREFIX, "")
+    if hasattr(ds.optimizer, "_param_slice_mappings"):  # ZeRO-1/2: the fragment map saved with the optimiser
+        ds.optimizer._param_slice_mappings = ds.optimizer._create_param_mapping()
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     checkpoint_format = checkpoint.FORMAT
@@ -116,6 +139,11 @@ class DeepSpeedEngine(Engine):
         self.wd_flags = [g.get("apply_wd", True) for g in self.ds.optimizer.param_groups]
         self._check_settings()
 
+    @classmethod
+    def check_config(cls, cfg: Config, env: DistEnv) -> None:
+        """The user's DeepSpeed file, before any data or model is built (one ConfigError naming the key)."""
+        ds_config.check_user_file(cfg, env.world_size, resolve_precision(cfg.run.precision, env.device))
+
     def _initialize(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
         """The parallel wrapper (wrapping.py's last step): DeepSpeed engines and the teacher's layout."""
         optimizer = build_optimizer(self.cfg.optim, param_groups(student))  # AdamW fused, as the other engines
@@ -128,6 +156,7 @@ class DeepSpeedEngine(Engine):
         initial = [t.detach().to("cpu", copy=True) for t in teacher.parameters()] if self.stage == 3 else None
         self.ds, *_ = self.deepspeed.initialize(model=student, optimizer=optimizer, config=self.config,
                                                  dist_init_required=False)
+        _names_without_checkpoint_wrapper(self.ds)
         if self.stage == 3:
             self.teacher_ds, *_ = self.deepspeed.initialize(model=teacher, config=ds_config.teacher_config(self.config),
                                                              dist_init_required=False)
@@ -141,6 +170,9 @@ class DeepSpeedEngine(Engine):
         """What the exact clipping and EMA rely on, checked on the engine DeepSpeed built (0.19.3 changed
         the defaults of gradient clipping and of the bf16 overflow check)."""
         ds, opt = self.ds, self.ds.optimizer
+        ds_config.check_built(ds._config)  # what DeepSpeed made of the user's file (aliases included)
+        if self.stage == 3:
+            ds_config.check_built(self.teacher_ds._config, "the teacher's DeepSpeed config")
         checks = [
             (ds.gradient_clipping() == 0.0 and getattr(opt, "clip_grad", 0.0) == 0.0, "DeepSpeed's gradient_clipping is 0"),
             (ds.zero_optimization_stage() == self.stage, f"ZeRO stage {self.stage}"),
@@ -168,13 +200,12 @@ class DeepSpeedEngine(Engine):
         scale = float(self.ds.optimizer.loss_scale) if self.precision == "fp16" else 1.0
         norm = clip_grads_(self.partitions.grad_fragments(), o.clip_grad, o.clip_mode, self.group, grad_scale=scale)
         self.ds.step()
-        out = {"grad_norm": norm}
-        if self.precision != "fp32":
-            out["skipped_steps"] = torch.tensor(float(self.ds.skipped_steps))
-        return out
+        # DeepSpeed skips a step in every precision: fp16 overflow, a non-finite bf16 gradient, and a
+        # non-finite gradient norm under ZeRO-3 (also fp32)
+        return {"grad_norm": norm, "skipped_steps": torch.tensor(float(self.ds.skipped_steps))}
 
     def step_applied(self) -> bool:
-        return self.precision == "fp32" or self.ds.was_step_applied()
+        return self.ds.was_step_applied()
 
     def update_teacher(self, teacher_momentum: float) -> None:
         self.partitions.ema_(teacher_momentum)
@@ -190,6 +221,8 @@ class DeepSpeedEngine(Engine):
                     else contextlib.nullcontext())
         with gathered:
             yield _CastInputModule(backbone, self.dtype)
+        if self.stage == 3:
+            self.partitions.regather_persistent()  # the gathered context released the persistent ones too
 
     def save(self, directory: str) -> None:
         checkpoint.save(self, directory)

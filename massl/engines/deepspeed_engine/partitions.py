@@ -15,7 +15,8 @@ foreach kernel with no communication and no rounding of the master (exact in bf1
 Its compute copy is what DeepSpeed would run: ZeRO-1/2 keep a full teacher in the compute dtype,
 its flat buffers laid out like the student's and all-gathered after each EMA (as DeepSpeed does
 for the student after its step); ZeRO-3 has a teacher engine of its own (no optimiser) whose
-`ds_tensor` partitions receive the accumulator, and gathers them in the teacher's forward.
+`ds_tensor` partitions receive the accumulator, and gathers them in the teacher's forward; its
+small persistent parameters stay gathered, refreshed after each EMA in one coalesced all-gather.
 """
 from __future__ import annotations
 
@@ -82,14 +83,15 @@ class Stage12:
             all_gather_into_(flat, own, pg)
 
     def full_state_dict(self) -> dict:
-        """Collective: the teacher's parameters in fp32 (from the accumulators) and its buffers."""
-        fulls = []
-        for flat, own, acc, pg in self.groups:
-            full = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
-            all_gather_into_(full, acc.contiguous(), pg)
-            fulls.append(full)
-        state = {self.names[tp]: fulls[i][o:o + tp.numel()].view(tp.shape) for i, o, tp in self.slots}
-        return {**state, **_buffers(self.teacher)}
+        """Collective: the teacher's parameters in fp32 (from the accumulators) and its buffers, on the
+        CPU of the main rank (other ranks: {}), gathered one tensor at a time."""
+        pieces = []
+        for i, offset, tp in self.slots:
+            flat, own, acc, pg = self.groups[i]
+            start = dist.get_rank(pg) * acc.numel()  # this rank's elements of the flat group: [start, start + len)
+            lo, hi = max(offset, start), min(offset + tp.numel(), start + acc.numel())
+            pieces.append((self.names[tp], tp.shape, lo - offset, acc[lo - start:hi - start] if lo < hi else acc[:0], pg))
+        return _assemble_on_main(pieces, self.teacher)
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict) -> None:
@@ -130,6 +132,9 @@ class Stage3:
                 raise RuntimeError(f"deepspeed: teacher {name}'s partition is not elements [r*n, (r+1)*n) of it")
             accs.append(ds if ds.dtype == torch.float32 else piece.clone())
         self.accs = accs
+        # ZeRO-3 keeps a parameter under stage3_param_persistence_threshold (biases, norms, small
+        # tokens) gathered after its first use: the EMA, which writes the partitions, refreshes them
+        self.persistent = [tp for _, tp, *_ in pairs if getattr(tp, "ds_persist", False)]
         self.refresh()
 
     @staticmethod
@@ -158,20 +163,28 @@ class Stage3:
         torch._foreach_lerp_(self.accs, self._masters, 1.0 - momentum)
         if self.accs[0] is not self.ds_tensors[0]:
             torch._foreach_copy_(self.ds_tensors, self.accs)
+        self.regather_persistent()
+
+    def regather_persistent(self) -> None:
+        """Collective: the persistent parameters' whole copies made again from the partitions just
+        written, in one coalesced all-gather (the stale copies released first, without communication)."""
+        if not self.persistent:
+            return
+        stale = [p for p in self.persistent if p.ds_status.name == "AVAILABLE"]
+        if stale:
+            stale[0].partition(param_list=stale, has_been_updated=False)
+        self.persistent[0].all_gather_coalesced(self.persistent).wait()
 
     def full_state_dict(self) -> dict:
-        """Collective: one all-gather of every piece, reassembled into whole fp32 tensors."""
-        world = dist.get_world_size(self.group)
-        local = torch.cat([a.reshape(-1) for a in self.accs])
-        gathered = torch.empty(world * local.numel(), dtype=torch.float32, device=local.device)
-        all_gather_into_(gathered, local, self.group)
-        gathered = gathered.view(world, -1)
-        state, offset = {}, 0
+        """Collective: the whole fp32 teacher on the CPU of the main rank (other ranks: {}), gathered
+        one tensor at a time (ZeRO-3 keeps the persistent small parameters whole: their pieces too)."""
+        rank = dist.get_rank(self.group)
+        pieces = []
         for name, shape, acc in zip(self.names, self.shapes, self.accs):
-            whole = gathered[:, offset:offset + acc.numel()].reshape(-1)
-            state[name] = whole[:shape.numel()].view(shape).clone()
-            offset += acc.numel()
-        return {**state, **_buffers(self.teacher)}
+            start = rank * acc.numel()
+            length = max(0, min(acc.numel(), shape.numel() - start))  # the last pieces are padded
+            pieces.append((name, shape, start, acc[:length], self.group))
+        return _assemble_on_main(pieces, self.teacher)
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict) -> None:
@@ -180,11 +193,30 @@ class Stage3:
             acc.copy_(self._piece(state[name].to(acc.device), rank, acc.numel()))
             if acc is not ds:
                 ds.copy_(acc)
+        self.regather_persistent()
         _load_buffers(self.teacher, state)
 
 
+def _assemble_on_main(pieces: list, teacher: nn.Module) -> dict:
+    """Collective: each (name, shape, start, this rank's elements from `start` on, group) reassembled
+    into a whole fp32 tensor on the main rank's CPU, one tensor at a time: each rank lays its
+    elements into a zero tensor of the parameter's size and the main rank receives their sum (a
+    reduce: exact, every element comes from one rank), so no rank holds more than one parameter
+    beyond its partitions on the device."""
+    main = dist.get_rank() == 0
+    state = {}
+    for name, shape, start, mine, group in pieces:
+        whole = torch.zeros(shape.numel(), dtype=torch.float32, device=mine.device)
+        whole[start:start + mine.numel()].copy_(mine)
+        dist.reduce(whole, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        if main:
+            state[name] = whole.view(shape).to("cpu")
+        del whole
+    return {**state, **_buffers(teacher)} if main else {}
+
+
 def _buffers(module: nn.Module) -> dict:
-    return {n: (b.float() if b.is_floating_point() else b) for n, b in module.named_buffers()}
+    return {n: (b.float() if b.is_floating_point() else b).to("cpu") for n, b in module.named_buffers()}
 
 
 @torch.no_grad()
