@@ -24,6 +24,7 @@ import tarfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import Optional
 
 from massl.data.shards import (MANIFEST_NAME, expand_shard_urls, iter_samples, open_tar, read_shard_manifest,
                                shard_manifest)
@@ -232,8 +233,9 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
     return manifest
 
 
-def scan_shard(path: str) -> dict:
-    """Recount a shard: samples, bytes, sha256, and the read error if it is damaged.
+def scan_shard(path: str, labels: Optional[set] = None) -> dict:
+    """Recount a shard: samples, bytes, sha256, and the read error if it is damaged; `labels`
+    collects the integer classes of the samples' `cls` members.
 
     tarfile reads a tar cut at (or inside) a member header as a shorter complete one, so the
     end-of-archive marker (two zero blocks) that every tar writer puts after the last member
@@ -243,11 +245,14 @@ def scan_shard(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             tar = open_tar(f)
-            record["samples"] = sum(1 for _ in iter_samples(tar))
+            for _, files in iter_samples(tar):
+                record["samples"] += 1
+                if labels is not None and "cls" in files:
+                    labels.add(int(files["cls"].decode()))
             f.seek(tar.offset)
             if f.read(2 * BLOCK) != bytes(2 * BLOCK):
                 raise tarfile.ReadError(f"truncated: no end-of-archive marker after the member ending at byte {tar.offset}")
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # ValueError: a cls that is not an integer
         record["error"] = f"{type(e).__name__}: {e}"
     return record
 
@@ -278,13 +283,14 @@ def index(urls: list[str], out: str) -> dict:
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(folders) != 1 or os.path.dirname(os.path.abspath(out)) not in folders:
         raise ValueError(f"index --out {out}: the shards must share one folder, and --out must be a file in it")
-    shards = []
+    shards, labels = [], set()
     for p in paths:
-        s = scan_shard(p)
+        s = scan_shard(p, labels)
         if "error" in s:
             raise ValueError(f"index: {p}: is damaged ({s['error']}); rewrite or leave out this shard")
         shards.append(s)
-    manifest = shard_manifest(shards, "index", {}, {}, [])
+    # massl-eval names classes by the manifest; shards from another tool carry bare integers
+    manifest = shard_manifest(shards, "index", {}, {str(c): c for c in sorted(labels)}, [])
     write_json_atomic(out, manifest)
     return manifest
 

@@ -303,10 +303,32 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             except yaml.YAMLError as e:
                 raise ConfigError(f"--config {path}: not valid YAML ({yaml_problem(e)}); fix the file") from None
         _merge(cfg, data)
-    for nested in _dotted_to_nested(overrides or []):
+    nested_overrides = _dotted_to_nested(overrides or [])
+    for nested in nested_overrides:
         _merge(cfg, nested)
+    _follow_source_override(cfg, nested_overrides)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+# the keys only one data.source reads
+SOURCE_KEYS = {"imagefolder": ("path",), "webdataset": ("urls", "manifest", "samples_per_epoch", "shuffle_buffer")}
+
+
+def _follow_source_override(cfg: Config, nested_overrides: list[dict]) -> None:
+    """An override of data.source switches a config file's data over: the other source's keys
+    that the file set (and no override) are reset, instead of being refused as having no effect."""
+    data_overrides = [n.get("data") for n in nested_overrides if isinstance(n.get("data"), dict)]
+    if not any("source" in d for d in data_overrides):
+        return
+    for source, keys in SOURCE_KEYS.items():
+        if source == cfg.data.source:
+            continue
+        for key in keys:
+            if not any(key in d for d in data_overrides) and getattr(cfg.data, key) != getattr(DEFAULTS.data, key):
+                logging.getLogger("massl").info(f"massl: data.{key} of the config file is not used: data.source is "
+                                                f"{cfg.data.source}")
+                setattr(cfg.data, key, getattr(DEFAULTS.data, key))
 
 
 def config_from_dict(data: dict, check_paths: bool = True, strict: bool = True) -> Config:

@@ -244,7 +244,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
              f"{'sharded' if run.memory.sharded else 'replicated'} (memory.sharded={cfg.memory.sharded}), "
              f"{ipe} steps/epoch, steps {step} -> {stop}"
              + (f", resumed from {resumed_from}" if resumed_from else ""))
-    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step,
+    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, stop, step,  # stop: run.max_steps too
                            *model_flops(run))
     window, summary = StepWindow(env.device), {"step": step}
     stop_signal = StopOnSignal(env.device, env.group).install()

@@ -34,8 +34,8 @@ def require_webdataset():
     try:
         import webdataset
     except ImportError as e:
-        raise ImportError("data.source=webdataset needs the webdataset package: "
-                          "pip install 'massl[webdataset]' (webdataset==1.0.2)") from e
+        raise UserError("data.source=webdataset needs the webdataset package: "
+                        "pip install 'massl[webdataset]' (webdataset==1.0.2)") from e
     return webdataset
 
 

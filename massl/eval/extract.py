@@ -98,13 +98,19 @@ class _Batches(torch.utils.data.IterableDataset):
             yield x, labels, torch.arange(lo, hi), ok, failed
 
 
+def check_classes(train_classes: list[str], val_classes: list[str]) -> None:
+    """Every class of --val must be one of --train's (checked before any extraction too)."""
+    known = set(train_classes)
+    unknown = [c for c in val_classes if c not in known]
+    if unknown:
+        raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
+
+
 def align_labels(train_classes: list[str], val: Features) -> None:
     """Renumber `val`'s labels to the train set's classes, matched by name (an image folder's
     classes are sorted by name, a shard manifest's by index)."""
+    check_classes(train_classes, val.classes)
     position = {c: i for i, c in enumerate(train_classes)}
-    unknown = [c for c in val.classes if c not in position]
-    if unknown:
-        raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
     val.labels = torch.tensor([position[c] for c in val.classes], dtype=torch.long)[val.labels]
     val.classes = list(train_classes)
 

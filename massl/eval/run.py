@@ -13,7 +13,7 @@ from ..checkpoint.reader import load_teacher_backbone, resolve_checkpoint
 from ..dist import init_distributed
 from ..logging import setup_logging
 from .cache import cache_key, cache_path, load_cached, save_cached, weights_digest
-from .extract import FeatureSpec, Features, align_labels, eval_transform, extract_features
+from .extract import FeatureSpec, Features, align_labels, check_classes, eval_transform, extract_features
 from .inputs import open_input
 from .knn import knn_classify
 from .linear import linear_probe_accuracy, sgd_probe_accuracy
@@ -24,9 +24,9 @@ SGD_ABOVE = 20000  # --solver auto: SGD (DINOv2) above this many training images
 SKIPPED_NAMED = 100  # unreadable images named in the JSON (all are counted)
 
 
-def features_of(path: str, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env) -> Features | None:
-    """The features of one input on rank 0 (None on the others): cached, or extracted by all ranks."""
-    data = open_input(path)
+def features_of(data, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env) -> Features | None:
+    """The features of one opened input (open_input) on rank 0 (None on the others): cached, or
+    extracted by all ranks."""
     key_path = cache_path(a.cache, cache_key(digest, data.identity(), settings)) if a.cache else ""
     hit = [load_cached(key_path) if key_path and env.is_main else None]
     if env.world_size > 1:  # every rank must agree on whether to extract (a collective)
@@ -79,8 +79,10 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     settings = {"image_size": size, "crop_ratio": a.crop_ratio, "mean": list(cfg.data.aug.mean),
                 "std": list(cfg.data.aug.std), "n_last_blocks": spec.n_last_blocks, "avgpool": spec.avgpool}
     digest = weights_digest(backbone) if a.cache else ""
-    train = features_of(a.train, backbone, digest, settings, spec, a, env)
-    val = features_of(a.val, backbone, digest, settings, spec, a, env)
+    train_data, val_data = open_input(a.train), open_input(a.val)
+    check_classes(train_data.classes, val_data.classes)  # before hours of extraction, not after
+    train = features_of(train_data, backbone, digest, settings, spec, a, env)
+    val = features_of(val_data, backbone, digest, settings, spec, a, env)
     if not env.is_main:
         return None
     align_labels(train.classes, val)
