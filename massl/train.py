@@ -177,7 +177,8 @@ class StepWindow:
                             run.env.group)
         self.loss_sum.zero_()
         self.steps = 0
-        return {"loss": stats[0].item(), "skipped_images": stats[1].item(), "decode_fallback_images": stats[2].item()}
+        return {"loss": stats[0].item(), "skipped_images": int(stats[1].item()),  # counts: integers in the JSON
+                "decode_fallback_images": int(stats[2].item())}
 
 
 def log_metrics(run: Run, logger: MetricsLogger, window: StepWindow, step: int, h: dict, out: dict) -> dict:

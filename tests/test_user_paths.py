@@ -45,6 +45,7 @@ def test_progress_and_eta_count_to_run_max_steps(digits_dir, tmp_path, capsys):
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert records[-1]["step"] == 3 and records[-1]["eta_s"] == 0
+    assert isinstance(records[-1]["skipped_images"], int)  # a count, not 0.0
     assert records[0]["eta_s"] == pytest.approx(2 * records[0]["sec_per_step"])
 
 
@@ -134,3 +135,35 @@ def test_digits_default_size_is_the_quickstarts(tmp_path):
     assert Image.open(first).size == (32, 32)
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "`.[quickstart]`" in readme  # the extra that the digits tool needs (scikit-learn)
+
+
+def test_missing_shards_name_data_urls(digits_dir, tmp_path):
+    from massl.data import build_data
+
+    base = [o for o in tiny_overrides(os.path.join(digits_dir, "train"), str(tmp_path / "run"))
+            if not o.startswith("data.path=")]
+    cfg = load_config(None, base + ["data.source=webdataset", "data.urls=/x/nope/shard-{000000..000001}.tar"])
+    with pytest.raises(UserError, match=r"^data.urls: .*no such shard"):
+        build_data(cfg, 0, 1, "cpu")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_eval_device_error_names_the_flag(tiny_run, digits_dir, capsys):
+    from massl.eval.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["knn", "--checkpoint", tiny_run, "--train", os.path.join(digits_dir, "train"),
+              "--val", os.path.join(digits_dir, "val"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --device: cuda"), err
+
+
+def test_every_massl_eval_flag_is_in_docs_eval_md():
+    from massl.eval.cli import build_parser
+
+    doc = open(os.path.join(ROOT, "docs", "eval.md")).read()
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
+    flags = {s for sub in subparsers.values() for a in sub._actions for s in a.option_strings if s.startswith("--")}
+    missing = sorted(f for f in flags - {"--help"} if f"`{f}`" not in doc)
+    assert not missing, f"docs/eval.md does not document {missing}"

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..checkpoint.manager import read_checkpoint_manifest
 from ..checkpoint.reader import load_teacher_backbone, resolve_checkpoint
-from ..dist import init_distributed
+from ..dist import init_distributed, resolve_device
 from ..logging import setup_logging
 from .cache import cache_key, cache_path, load_cached, save_cached, weights_digest
 from .extract import FeatureSpec, Features, align_labels, check_classes, eval_transform, extract_features
@@ -64,6 +64,7 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     if a.threads:
         torch.set_num_threads(a.threads)
     ckpt_dir = os.path.abspath(resolve_checkpoint(a.checkpoint))
+    resolve_device(a.device, key="--device")  # an error names the flag, not the training key
     env = init_distributed(a.device)
     setup_logging(env.rank)
     backbone, cfg = load_teacher_backbone(ckpt_dir, random_init=a.random_init, seed=a.seed,
