@@ -167,3 +167,44 @@ def test_every_massl_eval_flag_is_in_docs_eval_md():
     flags = {s for sub in subparsers.values() for a in sub._actions for s in a.option_strings if s.startswith("--")}
     missing = sorted(f for f in flags - {"--help"} if f"`{f}`" not in doc)
     assert not missing, f"docs/eval.md does not document {missing}"
+
+
+@pytest.fixture
+def small_folders(tmp_path):
+    rng = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / split / c)
+            for i in range(10):
+                Image.fromarray(rng.randint(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    return str(tmp_path / "train"), str(tmp_path / "val")
+
+
+def test_training_says_when_it_evaluates_checkpoints_and_ends(digits_dir, small_folders, tmp_path, capsys):
+    from massl.train import train
+
+    train_dir, val_dir = small_folders
+    out = str(tmp_path / "run")
+    train(load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), out) + [
+        "run.max_steps=2", "eval.every_steps=2", f"eval.train={train_dir}", f"eval.val={val_dir}",
+        "eval.num_workers=0"]))
+    lines = capsys.readouterr().out.splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert first("eval: k-NN of the teacher, features of eval.train (20 images) and eval.val (20 images)") < \
+        first("eval step 2:")
+    assert "checkpoints/step_000000002 (" in lines[first("massl: checkpoint of step 2 written to")]
+    assert first("massl: run finished at step 2 of 2") == len(lines) - 1
+
+
+def test_eval_progress_names_the_input_with_a_clock_eta(tiny_run, small_folders, capsys):
+    from massl.eval.cli import main
+
+    train_dir, val_dir = small_folders
+    main(["knn", "--checkpoint", tiny_run, "--train", train_dir, "--val", val_dir, "--batch-size", "1",
+          "--workers", "0", "--k", "1", "--out", os.path.join(os.path.dirname(train_dir), "knn.json")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "features" in line]
+    assert [line.split(":")[0].strip() for line in lines] == ["features (train)", "features (val)"], lines
+    assert all(line.rstrip().endswith("eta 0:00)") for line in lines), lines

@@ -24,7 +24,8 @@ SGD_ABOVE = 20000  # --solver auto: SGD (DINOv2) above this many training images
 SKIPPED_NAMED = 100  # unreadable images named in the JSON (all are counted)
 
 
-def features_of(data, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env) -> Features | None:
+def features_of(data, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env,
+                label: str = "") -> Features | None:
     """The features of one opened input (open_input) on rank 0 (None on the others): cached, or
     extracted by all ranks."""
     key_path = cache_path(a.cache, cache_key(digest, data.identity(), settings)) if a.cache else ""
@@ -38,7 +39,8 @@ def features_of(data, backbone, digest: str, settings: dict, spec: FeatureSpec, 
         return hit[0]
     size = settings["image_size"]
     tf = eval_transform(settings["mean"], settings["std"], size, settings["crop_ratio"])
-    feats = extract_features(backbone, data, tf, size, a.batch_size, a.workers, env.device, env.group, spec)
+    feats = extract_features(backbone, data, tf, size, a.batch_size, a.workers, env.device, env.group, spec,
+                             label=label)
     if feats is not None and key_path:
         save_cached(key_path, feats)
     return feats
@@ -82,8 +84,8 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     digest = weights_digest(backbone) if a.cache else ""
     train_data, val_data = open_input(a.train), open_input(a.val)
     check_classes(train_data.classes, val_data.classes)  # before hours of extraction, not after
-    train = features_of(train_data, backbone, digest, settings, spec, a, env)
-    val = features_of(val_data, backbone, digest, settings, spec, a, env)
+    train = features_of(train_data, backbone, digest, settings, spec, a, env, "train")
+    val = features_of(val_data, backbone, digest, settings, spec, a, env, "val")
     if not env.is_main:
         return None
     align_labels(train.classes, val)
