@@ -208,3 +208,26 @@ def test_eval_progress_names_the_input_with_a_clock_eta(tiny_run, small_folders,
     lines = [line for line in capsys.readouterr().out.splitlines() if "features" in line]
     assert [line.split(":")[0].strip() for line in lines] == ["features (train)", "features (val)"], lines
     assert all(line.rstrip().endswith("eta 0:00)") for line in lines), lines
+
+
+def test_massl_shard_one_set_per_folder_quiet_and_bad_values(tmp_path, capsys):
+    from data_tools.shard import main
+    from tests.test_shard import make_folder
+
+    root, out = str(tmp_path / "images"), str(tmp_path / "shards")
+    make_folder(root, n_per_class=3)
+    assert main([root, "--out", out, "--prefix", "first", "--workers", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "massl-shard: 6 images in 1 shard(s)" in captured.out  # the summary, even with --quiet
+    assert "skipped" in captured.err and "truncated.jpg" in captured.err  # and the warnings
+    with pytest.raises(SystemExit):
+        main([root, "--out", out, "--prefix", "second", "--workers", "1"])
+    assert "another --out" in capsys.readouterr().err
+    assert main([root, "--out", out, "--prefix", "second", "--workers", "1", "--overwrite", "--quiet"]) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".tar")) == ["second-000000.tar"]  # no orphan
+    capsys.readouterr()
+    for flag, value in (("--quality", "500"), ("--max-side", "-5")):
+        with pytest.raises(SystemExit) as e:
+            main([root, "--out", str(tmp_path / "x"), flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {flag} {value}:"), err
