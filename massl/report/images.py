@@ -10,9 +10,9 @@ from PIL import Image
 
 from ..data.files import scan_image_folder
 from ..data.multicrop import DECODE_ERRORS
+from ..data.shards import MANIFEST_NAME
 from ..errors import UserError
 from ..eval.inputs import ShardInput, open_rgb
-from ..data.shards import MANIFEST_NAME
 from ..logging import log
 
 
