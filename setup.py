@@ -22,8 +22,9 @@ setup(
         "webdataset": ["webdataset==1.0.2"],
         # engine.name=deepspeed; install after torch with --no-build-isolation (scripts/setup_env.sh)
         "deepspeed": ["deepspeed==0.19.8"],
-        "quickstart": ["scikit-learn>=1.3"],
-        "dev": ["pytest>=7", "scikit-learn>=1.3", "scikit-image>=0.22", "webdataset==1.0.2",
+        "quickstart": ["scikit-learn>=1.3", "matplotlib>=3.7"],
+        "report": ["matplotlib>=3.7", "scikit-learn>=1.3"],  # massl-report
+        "dev": ["pytest>=7", "scikit-learn>=1.3", "matplotlib>=3.7", "scikit-image>=0.22", "webdataset==1.0.2",
                 "mutmut==3.8.1"],  # scripts/mutation.sh
     },
     entry_points={
@@ -32,6 +33,7 @@ setup(
             "massl-eval=massl.cli:eval_main",
             "massl-export=massl.cli:export_main",
             "massl-shard=data_tools.shard:main",
+            "massl-report=massl.report.cli:main",
         ]
     },
 )

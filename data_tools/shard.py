@@ -24,6 +24,7 @@ import tarfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import Optional
 
 from massl.data.shards import (MANIFEST_NAME, expand_shard_urls, iter_samples, open_tar, read_shard_manifest,
                                shard_manifest)
@@ -131,17 +132,30 @@ def own_files(out: str, prefix: str) -> list[str]:
     return sorted(glob.glob(pattern + "-*.tar") + glob.glob(pattern + "-*.tar.partial"))
 
 
+def previous_set(out: str) -> list[str]:
+    """The shard files of the set whose manifest.json (or interrupted run's journal) is in `out`."""
+    names = []
+    for name in (MANIFEST_NAME, JOURNAL_NAME):
+        try:
+            with open(os.path.join(out, name)) as f:
+                names += [s["name"] for s in json.load(f)["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return [os.path.join(out, os.path.basename(n)) for n in names]
+
+
 def start_or_resume(out: str, prefix: str, fingerprint: str, overwrite: bool) -> dict:
     """The journal to continue from: fresh, or the verified completed shards of an interrupted run."""
     journal_path, manifest_path = os.path.join(out, JOURNAL_NAME), os.path.join(out, MANIFEST_NAME)
     fresh = {"fingerprint": fingerprint, "shards": [], "next_input": 0, "skipped": []}
-    if overwrite:
-        for p in own_files(out, prefix) + [journal_path, manifest_path]:
+    if overwrite:  # the previous set whatever its prefix: its tars would be orphans beside the new manifest
+        for p in own_files(out, prefix) + previous_set(out) + [journal_path, manifest_path]:
             if os.path.exists(p):
                 os.remove(p)
         return fresh
     if os.path.exists(manifest_path):
-        raise FileExistsError(f"--out {out}: already holds finished shards ({MANIFEST_NAME}); pass --overwrite to replace them")
+        raise FileExistsError(f"--out {out}: already holds a finished set of shards ({MANIFEST_NAME}); a folder holds "
+                              f"one set: write this one to another --out, or pass --overwrite to replace that set")
     if not os.path.exists(journal_path):
         if own_files(out, prefix):
             raise FileExistsError(f"--out {out}: already holds {prefix}-*.tar files; pass --overwrite to replace them")
@@ -176,6 +190,10 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
     """Write the shards and manifest.json of `source` into `out`; returns the manifest."""
     if maxcount < 1 or maxsize < RECORD:
         raise ValueError(f"--maxcount {maxcount}, --maxsize {maxsize}: need --maxcount >= 1 and --maxsize >= {RECORD} bytes")
+    if max_side < 0:
+        raise ValueError(f"--max-side {max_side}: must be >= 0 (0: never re-encode)")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"--quality {quality}: a JPEG quality is in 1..100 (default 90)")
     items = list_inputs(source)
     classes = class_map(items)
     if shuffle:
@@ -224,16 +242,16 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
                               [{"path": s["path"], "error": s["error"]} for s in journal["skipped"]])
     write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
     os.remove(journal_path)
-    if progress:
-        for s in manifest["skipped"]:
-            log.warning(f"massl-shard: skipped {s['path']}: {s['error']}")
-        log.info(f"massl-shard: {manifest['total_samples']} images in {manifest['num_shards']} shard(s) under {out}, "
-                 f"{len(manifest['skipped'])} skipped")
+    for s in manifest["skipped"]:  # printed even without the progress bar (--quiet)
+        log.warning(f"massl-shard: skipped {s['path']}: {s['error']}")
+    log.info(f"massl-shard: {manifest['total_samples']} images in {manifest['num_shards']} shard(s) under {out}, "
+             f"{len(manifest['skipped'])} skipped")
     return manifest
 
 
-def scan_shard(path: str) -> dict:
-    """Recount a shard: samples, bytes, sha256, and the read error if it is damaged.
+def scan_shard(path: str, labels: Optional[set] = None) -> dict:
+    """Recount a shard: samples, bytes, sha256, and the read error if it is damaged; `labels`
+    collects the integer classes of the samples' `cls` members.
 
     tarfile reads a tar cut at (or inside) a member header as a shorter complete one, so the
     end-of-archive marker (two zero blocks) that every tar writer puts after the last member
@@ -243,11 +261,14 @@ def scan_shard(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             tar = open_tar(f)
-            record["samples"] = sum(1 for _ in iter_samples(tar))
+            for _, files in iter_samples(tar):
+                record["samples"] += 1
+                if labels is not None and "cls" in files:
+                    labels.add(int(files["cls"].decode()))
             f.seek(tar.offset)
             if f.read(2 * BLOCK) != bytes(2 * BLOCK):
                 raise tarfile.ReadError(f"truncated: no end-of-archive marker after the member ending at byte {tar.offset}")
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # ValueError: a cls that is not an integer
         record["error"] = f"{type(e).__name__}: {e}"
     return record
 
@@ -278,13 +299,14 @@ def index(urls: list[str], out: str) -> dict:
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(folders) != 1 or os.path.dirname(os.path.abspath(out)) not in folders:
         raise ValueError(f"index --out {out}: the shards must share one folder, and --out must be a file in it")
-    shards = []
+    shards, labels = [], set()
     for p in paths:
-        s = scan_shard(p)
+        s = scan_shard(p, labels)
         if "error" in s:
             raise ValueError(f"index: {p}: is damaged ({s['error']}); rewrite or leave out this shard")
         shards.append(s)
-    manifest = shard_manifest(shards, "index", {}, {}, [])
+    # massl-eval names classes by the manifest; shards from another tool carry bare integers
+    manifest = shard_manifest(shards, "index", {}, {str(c): c for c in sorted(labels)}, [])
     write_json_atomic(out, manifest)
     return manifest
 
@@ -292,7 +314,7 @@ def index(urls: list[str], out: str) -> dict:
 def main(argv=None) -> int:
     """Exit status: 0 done (verify: all good), 1 verify found problems, 2 a user error (one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    setup_logging(quiet="--quiet" in argv)
+    setup_logging()  # --quiet hides the progress bar only: warnings and the summary still print
     try:
         return run(argv)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
@@ -320,7 +342,8 @@ def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="massl-shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="image folder (class sub-folders = labels) or a .txt/.csv list of paths[,label]")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar (default: shard)")
+    p.add_argument("--prefix", default="shard",
+                   help="shard names: PREFIX-000000.tar (default: shard); one set of shards per --out folder")
     p.add_argument("--maxcount", type=int, default=10000, help="images per shard at most (default: 10000)")
     p.add_argument("--maxsize", type=parse_size, default=1 << 30, help="bytes per shard at most, e.g. 500M, 1G (default: 1G)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
@@ -330,7 +353,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--max-side", type=int, default=0, help="re-encode images whose longer side exceeds this as JPEG (0: never)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default: 90)")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (warnings and the summary still print)")
     a = p.parse_args(argv)
     write_shards(a.source, a.out, a.prefix, a.maxcount, a.maxsize, a.seed, not a.no_shuffle, a.workers,
                  a.max_side, a.quality, a.overwrite, progress=not a.quiet)

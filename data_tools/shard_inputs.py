@@ -75,17 +75,17 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
     `max_side`. Returns {data, ext, width, height, bytes} or {error}."""
     from PIL import Image
 
-    from massl.image import to_rgb
+    from massl.image import oriented_size, to_rgb, upright
 
     try:
         with open(path, "rb") as f:
             data = f.read()
         with Image.open(io.BytesIO(data)) as img:
-            fmt, (w, h) = img.format, img.size
+            fmt, (w, h) = img.format, oriented_size(img)  # as shown: kept bytes keep their EXIF orientation
             img.load()
             if max_side and max(w, h) > max_side:
                 s = max_side / max(w, h)
-                img = to_rgb(img)
+                img = to_rgb(upright(img))  # the re-encoded JPEG has no EXIF: turn the pixels instead
                 img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS, reducing_gap=3.0)
                 out = io.BytesIO()
                 img.save(out, "JPEG", quality=quality)

@@ -66,7 +66,8 @@ def export_main(argv=None) -> None:
         _fail(e)
     kw = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     print(f"wrote {args.out}; load with timm.create_model({spec['model_name']!r}, {kw}) "
-          f"and load_state_dict(..., strict=True)")
+          f"and load_state_dict(..., strict=True) (the kwargs set the shape; the name only picks timm's "
+          f"VisionTransformer; {args.out}.json holds both)")
 
 
 if __name__ == "__main__":

@@ -41,11 +41,14 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_base"  # vit_tiny | vit_small | vit_base | vit_large | custom
+    arch: str = "vit_base"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant | custom
     patch_size: int = 16
     embed_dim: int = 0  # custom arch only
     depth: int = 0  # custom arch only
     num_heads: int = 0  # custom arch only
+    mlp_ratio: float = 4.0  # custom arch only: MLP hidden width / embed_dim
+    init_from: str = ""  # weights to start student and teacher from (massl export/teacher, timm state dict)
+    init_from_trust: bool = False  # allow a pickled (.pth/.pt) model.init_from
     pooling: str = "cls"  # cls | mean
     pos_embed_interp: str = "dino"  # dino (published: bicubic, scale (n+0.1)/sqrt(N)) | timm (antialiased, exact size)
     drop_path: float = 0.1  # student only
@@ -177,7 +180,7 @@ class Config:
 CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.precision": ("auto", "fp32", "bf16", "fp16"),
-    "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "custom"),
+    "model.arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant", "custom"),
     "model.pooling": ("cls", "mean"),
     "model.pos_embed_interp": ("dino", "timm"),
     "memory.sharded": ("auto", "true", "false"),
@@ -301,10 +304,32 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             except yaml.YAMLError as e:
                 raise ConfigError(f"--config {path}: not valid YAML ({yaml_problem(e)}); fix the file") from None
         _merge(cfg, data)
-    for nested in _dotted_to_nested(overrides or []):
+    nested_overrides = _dotted_to_nested(overrides or [])
+    for nested in nested_overrides:
         _merge(cfg, nested)
+    _follow_source_override(cfg, nested_overrides)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+# the keys only one data.source reads
+SOURCE_KEYS = {"imagefolder": ("path",), "webdataset": ("urls", "manifest", "samples_per_epoch", "shuffle_buffer")}
+
+
+def _follow_source_override(cfg: Config, nested_overrides: list[dict]) -> None:
+    """An override of data.source switches a config file's data over: the other source's keys
+    that the file set (and no override) are reset, instead of being refused as having no effect."""
+    data_overrides = [n.get("data") for n in nested_overrides if isinstance(n.get("data"), dict)]
+    if not any("source" in d for d in data_overrides):
+        return
+    for source, keys in SOURCE_KEYS.items():
+        if source == cfg.data.source:
+            continue
+        for key in keys:
+            if not any(key in d for d in data_overrides) and getattr(cfg.data, key) != getattr(DEFAULTS.data, key):
+                logging.getLogger("massl").info(f"massl: data.{key} of the config file is not used: data.source is "
+                                                f"{cfg.data.source}")
+                setattr(cfg.data, key, getattr(DEFAULTS.data, key))
 
 
 def config_from_dict(data: dict, check_paths: bool = True, strict: bool = True) -> Config:
@@ -376,6 +401,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
     _require(len(o.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in o.betas), "optim.betas",
              f"must be two numbers in [0, 1), got {o.betas}")
     _require(m.drop_path < 1, "model.drop_path", f"must be < 1, got {m.drop_path}")
+    _require(m.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
 
     if m.arch == "custom":
         for key in ("embed_dim", "depth", "num_heads"):
@@ -408,6 +434,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         _require(a.rotation_degrees == 0, "data.decode",
                  "device decoding does not rotate; set data.aug.rotation_degrees to 0 or data.decode to cpu")
 
+    if check_paths and m.init_from:
+        _require(os.path.exists(m.init_from), "model.init_from",
+                 f"{m.init_from!r} does not exist (a .safetensors state dict, or a massl checkpoint or run directory)")
     if check_paths:  # a finished run's config (export, eval) is read where its data may not exist
         if d.source == "imagefolder":
             _require(bool(d.path), "data.path", "is required when data.source is imagefolder")
@@ -466,6 +495,8 @@ def _check_no_effect(cfg: Config, warn: bool) -> None:
         ("model.embed_dim", m.arch == "custom", named),
         ("model.depth", m.arch == "custom", named),
         ("model.num_heads", m.arch == "custom", named),
+        ("model.mlp_ratio", m.arch == "custom", named),
+        ("model.init_from_trust", bool(m.init_from), "model.init_from is not set"),
         ("data.path", d.source == "imagefolder", "data.source is webdataset, which reads data.urls"),
         ("data.urls", d.source == "webdataset", "data.source is imagefolder, which reads data.path"),
         ("data.manifest", d.source == "webdataset", "only data.source=webdataset reads a shard manifest"),

@@ -11,7 +11,7 @@ import os
 import torch
 
 from .checkpoint.reader import read_config, read_teacher_backbone, resolve_checkpoint
-from .fileio import write_json_atomic
+from .fileio import save_safetensors, write_json_atomic
 from .models import backbone_spec
 
 
@@ -31,9 +31,7 @@ def export_teacher(checkpoint: str, out: str, trust_checkpoint: bool = False) ->
     tmp = out + ".tmp"
     try:
         if out.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(state, tmp, metadata={"massl": json.dumps(spec)})
+            save_safetensors(state, tmp, metadata={"massl": json.dumps(spec)})
         else:
             torch.save(state, tmp)
         os.replace(tmp, out)

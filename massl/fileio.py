@@ -38,3 +38,15 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file, leaving the file with the mode open() gives a new file (0666 less
+    the umask, like the torch.save files beside it): save_file itself creates it 0600, so that
+    colleagues could read a checkpoint's pickles but not its safe teacher file."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -12,12 +12,17 @@ palette entry happen to hold. Here:
 - transparency (RGBA, LA, premultiplied RGBa/La, PA, and palette or grey images with a
   transparent colour) is composited over white, the background of a page.
 
+The EXIF orientation (a camera's "this side up", in JPEG, TIFF, WebP and PNG files) is applied
+in every decode path, so that every tool sees the image as a viewer shows it: `upright` here
+(evaluation, massl-shard, massl-report), `exif_orientation` + `oriented_size` for the training
+decode, which turns the decoded pixels itself (massl/data/multicrop.py).
+
 Only PIL and numpy: massl-shard's worker processes import this without torch.
 """
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 BACKGROUND = (255, 255, 255)  # under transparent pixels
 
@@ -41,3 +46,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGBA":
         return Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND + (255,)), img).convert("RGB")
     return img.convert("RGB")
+
+
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright; 2-8 mirrored and/or rotated (5-8 swap width and height)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation, 1 when it has none (or an invalid one)."""
+    try:
+        value = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still usable, upright as stored
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as a viewer shows it."""
+    w, h = img.size
+    return (h, w) if exif_orientation(img) >= 5 else (w, h)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image with its EXIF orientation applied (the image itself when it has none)."""
+    return img if exif_orientation(img) == 1 else ImageOps.exif_transpose(img)

@@ -17,13 +17,16 @@ ARCHS = {
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
+    "vit_giant": (1408, 40, 16),  # timm's vit_giant_patch14_224 (ViT-g/14 of DINOv2, with model.patch_size=14)
 }
+MLP_RATIOS = {"vit_giant": 48 / 11}  # hidden width / embed_dim of the named sizes (others: 4)
 TIMM_BASE = "vit_base_patch16_224"  # every variant is this timm entry with explicit overrides
 
 
 def backbone_spec(m: ModelConfig, img_size: int) -> dict:
     """The timm.create_model name and kwargs that rebuild the backbone (also written by massl-export)."""
     dim, depth, heads = ARCHS[m.arch] if m.arch != "custom" else (m.embed_dim, m.depth, m.num_heads)
+    mlp_ratio = MLP_RATIOS.get(m.arch, 4.0) if m.arch != "custom" else m.mlp_ratio
     return {
         "model_name": TIMM_BASE,
         "kwargs": {
@@ -35,6 +38,7 @@ def backbone_spec(m: ModelConfig, img_size: int) -> dict:
             "global_pool": "token" if m.pooling == "cls" else "avg",
             "dynamic_img_size": True,  # position embeddings interpolated for local crops
             "num_classes": 0,
+            **({"mlp_ratio": mlp_ratio} if mlp_ratio != 4.0 else {}),  # timm's default otherwise
         },
     }
 
@@ -128,6 +132,10 @@ def build_student_teacher(cfg: Config) -> tuple[SSLNet, SSLNet]:
         return SSLNet(backbone, head)
 
     student, teacher = make(m.drop_path), make(0.0)
+    if m.init_from:
+        from .init_weights import init_from
+
+        init_from([student], m.init_from, m.init_from_trust)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher

@@ -177,7 +177,8 @@ class StepWindow:
                             run.env.group)
         self.loss_sum.zero_()
         self.steps = 0
-        return {"loss": stats[0].item(), "skipped_images": stats[1].item(), "decode_fallback_images": stats[2].item()}
+        return {"loss": stats[0].item(), "skipped_images": int(stats[1].item()),  # counts: integers in the JSON
+                "decode_fallback_images": int(stats[2].item())}
 
 
 def log_metrics(run: Run, logger: MetricsLogger, window: StepWindow, step: int, h: dict, out: dict) -> dict:
@@ -192,9 +193,11 @@ def save_checkpoint(run: Run, window: StepWindow, step: int) -> None:
     window.check_finite(run)  # never seal a checkpoint of a diverged run
     run.state.step = step
     parts = {**run.parts, TEACHER_PART: TeacherFile(run.engine, run.env.is_main)}  # the file the tools read
-    run.ckpt.save(step, parts, meta={
+    start = time.perf_counter()
+    path = run.ckpt.save(step, parts, meta={
         "format": run.engine.checkpoint_format, "engine": run.engine.name, "world_size": run.env.world_size,
         "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict()})
+    log.info(f"massl: checkpoint of step {step} written to {path} ({time.perf_counter() - start:.1f} s)")
 
 
 def evaluate_knn(run: Run, knn: PeriodicKNN, logger: MetricsLogger, step: int) -> None:
@@ -245,7 +248,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
              f"{'sharded' if run.memory.sharded else 'replicated'} (memory.sharded={cfg.memory.sharded}), "
              f"{ipe} steps/epoch, steps {step} -> {stop}"
              + (f", resumed from {resumed_from}" if resumed_from else ""))
-    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step,
+    logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, stop, step,  # stop: run.max_steps too
                            *model_flops(run))
     window, summary = StepWindow(env.device), {"step": step}
     stop_signal = StopOnSignal(env.device, env.group).install()
@@ -276,6 +279,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         logger.close()
         run.data.close()
     summary["final_step"] = step
+    log.info(f"massl: run {'stopped' if summary.get('stopped_by_signal') else 'finished'} at step {step}"
+             f"{'' if summary.get('stopped_by_signal') else f' of {stop}'}; outputs in {cfg.run.output_dir}")
     if env.is_main:
         with open(os.path.join(cfg.run.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -45,3 +45,6 @@ print(f"| {'---':<12} | " + " | ".join("---:" for _ in head) + " |")
 for weights in ("trained", "random-init", "pixels"):
     print(f"| {weights:<12} | " + " | ".join(f"{v:.3f}".rjust(len(h)) for v, h in zip(row(weights), head)) + " |")
 PY
+# The run's report (docs/report.md): curves, the table above, the teacher's attention maps.
+report=$("$bin/massl-report" "$run" --images data/digits/val --crop-ratio 1.0 --threads 2)
+echo "[quickstart] report: $report (open it in a browser)"

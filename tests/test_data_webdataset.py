@@ -17,6 +17,7 @@ from data_tools.shard import ShardWriter, main as shard_main, write_shards
 from massl.config import load_config
 from massl.data import build_data
 from massl.data.epoch_plan import epoch_pieces, worker_span
+from massl.errors import UserError
 from massl.train import train
 from tests.distributed import run_ranks
 
@@ -189,5 +190,5 @@ def test_clear_errors(shards, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="data.samples_per_epoch"):
         build_data(wds_config(shards, "data.batch_size=40"), 0, 2)
     monkeypatch.setitem(sys.modules, "webdataset", None)
-    with pytest.raises(ImportError, match=r"pip install 'massl\[webdataset\]'"):
+    with pytest.raises(UserError, match=r"pip install 'massl\[webdataset\]'"):  # one error line, exit 2
         build_data(wds_config(shards), 0, 1)

@@ -35,6 +35,7 @@ RESUME_MAY_CHANGE = frozenset({
     "memory.sharded", "memory.chunk_rows",
     "data.path", "data.urls", "data.manifest", "data.num_workers", "data.gpu_augment",
     "engine.name", "engine.activation_checkpointing", "engine.ac_every", "engine.compile",
+    "model.init_from", "model.init_from_trust",  # a resume's weights come from the checkpoint
 })
 SUPERSEDED = "superseded"
 RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "config.yaml", "tb", "eval")  # besides checkpoints/

@@ -21,8 +21,9 @@ class TeacherFile:
         self.engine, self.is_main = engine, is_main
 
     def save(self, directory: str) -> None:
-        from safetensors.torch import save_file
+        from ..fileio import save_safetensors
 
         state = self.engine.teacher_state_dict()  # collective
         if self.is_main:
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(directory, TEACHER_FILE))
+            save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                             os.path.join(directory, TEACHER_FILE))

@@ -29,7 +29,7 @@ except ImportError:
     simplejpeg = None
 
 from ..config import DataConfig
-from ..image import to_rgb
+from ..image import exif_orientation, oriented_size, to_rgb
 from .augment.draw import CropParams, ViewSpec, draw_crop, param_rows, sample_rng  # noqa: F401 (sample_rng: the sources' name)
 
 # JPEG DCT scalings used by draft mode. libjpeg also offers 1/8, but that keeps only each 8x8
@@ -95,9 +95,29 @@ class Views(NamedTuple):
 
 
 def device_decodable(img: Image.Image, data: bytes) -> bool:
-    """An RGB or grayscale JPEG that ends with its EOI marker: what the device decoders take.
-    The rest (other formats, CMYK, files cut short) take the CPU path."""
-    return img.format == "JPEG" and img.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(JPEG_END)
+    """An RGB or grayscale JPEG that ends with its EOI marker and is stored upright: what the
+    device decoders take (nvJPEG ignores the EXIF orientation). The rest (other formats, CMYK,
+    files cut short, EXIF-rotated photos) take the CPU path."""
+    return (img.format == "JPEG" and img.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(JPEG_END)
+            and exif_orientation(img) == 1)
+
+
+# EXIF orientation -> what turns the stored pixels [..., H, W] upright (PIL's exif_transpose)
+ORIENT = {
+    1: lambda x: x,
+    2: lambda x: x.flip(-1),  # mirrored left-right
+    3: lambda x: x.flip(-1).flip(-2),  # rotated 180
+    4: lambda x: x.flip(-2),  # mirrored top-bottom
+    5: lambda x: x.transpose(-1, -2),  # transposed
+    6: lambda x: torch.rot90(x, -1, (-2, -1)),  # stored 90 degrees counter-clockwise
+    7: lambda x: x.flip(-1).flip(-2).transpose(-1, -2),  # transversed
+    8: lambda x: torch.rot90(x, 1, (-2, -1)),  # stored 90 degrees clockwise
+}
+
+
+def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """uint8 [3, H, W] as stored -> as shown, for EXIF orientation 1-8."""
+    return ORIENT[orientation](pixels).contiguous()
 
 
 class MultiCropAugmentation:
@@ -152,8 +172,8 @@ class MultiCropAugmentation:
     def cropped(self, img: Image.Image, crops: list[CropParams], data: Optional[bytes] = None) -> list[torch.Tensor]:
         """Decode `img` (whose encoded bytes are `data`, when at hand) and cut the V crops, before
         any photometric op."""
-        width, height = img.size  # before draft mode shrinks it
-        pixels = self.decode(img, crops, data)
+        width, height = oriented_size(img)  # before draft mode shrinks it; the crops are drawn on it
+        pixels = orient(self.decode(img, crops, data), exif_orientation(img))
         sx, sy = pixels.shape[2] / width, pixels.shape[1] / height
         return [self.crop(pixels, p, v.size, sx, sy) for p, v in zip(crops, self.views)]
 
@@ -168,13 +188,13 @@ class MultiCropAugmentation:
 
     def __call__(self, img: Image.Image, rng: random.Random):
         """PIL image (opened, not necessarily decoded) -> (crops, params) as `apply`."""
-        return self.apply(img, self.draw(rng, *img.size))
+        return self.apply(img, self.draw(rng, *oriented_size(img)))
 
     def load(self, data: bytes, rng: random.Random) -> Views:
         """An encoded image file -> its Views. With data.decode=device a JPEG is only parsed up to
         its size, for the crop draws; anything else goes through the CPU path, flagged as fallback."""
         with Image.open(io.BytesIO(data)) as img:
-            crops = self.draw(rng, *img.size)
+            crops = self.draw(rng, *oriented_size(img))
             if not self.decode_on_device:
                 return Views(*self.apply(img, crops, data))
             if device_decodable(img, data):

@@ -34,8 +34,8 @@ def require_webdataset():
     try:
         import webdataset
     except ImportError as e:
-        raise ImportError("data.source=webdataset needs the webdataset package: "
-                          "pip install 'massl[webdataset]' (webdataset==1.0.2)") from e
+        raise UserError("data.source=webdataset needs the webdataset package: "
+                        "pip install 'massl[webdataset]' (webdataset==1.0.2)") from e
     return webdataset
 
 
@@ -147,6 +147,9 @@ class WebDatasetSource:
             raise ConfigError(f"data.urls: {e}") from None
         if not self.urls:
             raise ConfigError(f"data.urls: {d.urls!r} names no shards")
+        if all(is_local(u) and not os.path.exists(u) for u in self.urls):  # else the error named data.manifest
+            raise ConfigError(f"data.urls: {d.urls!r}: no such shard or folder (e.g. {self.urls[0]}); point it at "
+                              f"the shards (massl-shard's output folder or a brace pattern of .tar files)")
         manifest_path = find_manifest(d.urls, d.manifest, self.urls)
         try:
             manifest = read_shard_manifest(manifest_path)

@@ -20,6 +20,7 @@ import torchvision.transforms as T
 
 from ..dist import gather_rows_to_main, world_of
 from ..logging import log
+from ..progress import format_duration
 from ..signals import ignore_stop_signals
 
 
@@ -98,13 +99,19 @@ class _Batches(torch.utils.data.IterableDataset):
             yield x, labels, torch.arange(lo, hi), ok, failed
 
 
+def check_classes(train_classes: list[str], val_classes: list[str]) -> None:
+    """Every class of --val must be one of --train's (checked before any extraction too)."""
+    known = set(train_classes)
+    unknown = [c for c in val_classes if c not in known]
+    if unknown:
+        raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
+
+
 def align_labels(train_classes: list[str], val: Features) -> None:
     """Renumber `val`'s labels to the train set's classes, matched by name (an image folder's
     classes are sorted by name, a shard manifest's by index)."""
+    check_classes(train_classes, val.classes)
     position = {c: i for i, c in enumerate(train_classes)}
-    unknown = [c for c in val.classes if c not in position]
-    if unknown:
-        raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
     val.labels = torch.tensor([position[c] for c in val.classes], dtype=torch.long)[val.labels]
     val.classes = list(train_classes)
 
@@ -112,9 +119,11 @@ def align_labels(train_classes: list[str], val: Features) -> None:
 @torch.no_grad()
 def extract_features(backbone: nn.Module, data, transform, image_size: int, batch_size: int = 256,
                      workers: int = 2, device: torch.device | str = "cpu", group=None,
-                     spec: FeatureSpec = FeatureSpec(), progress: bool = True) -> Optional[Features]:
+                     spec: FeatureSpec = FeatureSpec(), progress: bool = True,
+                     label: str = "") -> Optional[Features]:
     """Features of every usable sample of `data`, on the group's rank 0 (None on the others).
-    Collective when `group` has several ranks: call it on all of them."""
+    Collective when `group` has several ranks: call it on all of them. `label` (train, val)
+    names the input in the progress lines."""
     device = torch.device(device)
     rank, world = world_of(group)
     if len(data) == 0:
@@ -142,7 +151,8 @@ def extract_features(backbone: nn.Module, data, transform, image_size: int, batc
         if progress and rank == 0 and len(feats) % 20 == 0:
             rate = done / (time.perf_counter() - t0)
             total = sum(hi - lo for lo, hi in ranges)
-            log.info(f"  features: {done}/{total} on rank 0 ({rate:.0f} img/s, eta {(total - done) / rate:.0f} s)")
+            log.info(f"  features{f' ({label})' if label else ''}: {done}/{total} on rank 0 ({rate:.0f} img/s, "
+                     f"eta {format_duration((total - done) / rate)})")
     for _ in range(len(batch_ranges(len(data), batch_size, 0, world)) - len(ranges)):  # the collective count
         feats.append(forward(torch.zeros(1, 3, image_size, image_size))[:0].cpu())
     feats, labels, index = (gather_rows_to_main(torch.cat(t) if t else torch.zeros(0, dtype=torch.long), group)

@@ -20,14 +20,14 @@ from PIL import Image
 from ..data.files import image_extension, scan_image_folder
 from ..data.multicrop import DECODE_ERRORS
 from ..data.shards import MANIFEST_NAME, SHARD_ERRORS, iter_samples, open_tar, read_shard_manifest
-from ..image import to_rgb
+from ..image import to_rgb, upright
 
 
 def open_rgb(fp) -> Image.Image:
     """The one place evaluation opens an image: a path or a binary file -> RGB pixels."""
     with Image.open(fp) as img:
         img.load()  # to_rgb returns an RGB image as is: its pixels must outlive the file
-        return to_rgb(img)
+        return to_rgb(upright(img))
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError
+from ..logging import log
 from .extract import align_labels, eval_transform, extract_features
 from .inputs import open_input
 from .knn import knn_classify
@@ -49,6 +50,9 @@ class PeriodicKNN:
         main rank ({} on the others): knn_top1/knn_top5 at the first eval.k, knn_top1_k<k> and
         knn_top5_k<k> at the others, knn_skipped_images."""
         was_training = backbone.training
+        if self.env.is_main:  # the k-NN takes a while: say so before, not only after
+            log.info(f"eval: k-NN of the teacher, features of eval.train ({len(self.train)} images) and eval.val "
+                     f"({len(self.val)} images)")
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         backbone.eval()
         try:

@@ -10,10 +10,10 @@ import torch.distributed as dist
 
 from ..checkpoint.manager import read_checkpoint_manifest
 from ..checkpoint.reader import load_teacher_backbone, read_config, resolve_checkpoint
-from ..dist import init_distributed
+from ..dist import init_distributed, resolve_device
 from ..logging import setup_logging
 from .cache import cache_key, cache_path, load_cached, save_cached, weights_digest
-from .extract import FeatureSpec, Features, align_labels, eval_transform, extract_features
+from .extract import FeatureSpec, Features, align_labels, check_classes, eval_transform, extract_features
 from .inputs import open_input
 from .knn import knn_classify
 from .linear import linear_probe_accuracy, sgd_probe_accuracy
@@ -52,9 +52,10 @@ def weights_name(a: argparse.Namespace) -> str:
     return "random-init" if a.random_init else "teacher"
 
 
-def features_of(path: str, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env) -> Features | None:
-    """The features of one input on rank 0 (None on the others): cached, or extracted by all ranks."""
-    data = open_input(path)
+def features_of(data, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env,
+                label: str = "") -> Features | None:
+    """The features of one opened input (open_input) on rank 0 (None on the others): cached, or
+    extracted by all ranks."""
     key_path = cache_path(a.cache, cache_key(digest, data.identity(), settings)) if a.cache else ""
     hit = [load_cached(key_path) if key_path and env.is_main else None]
     if env.world_size > 1:  # every rank must agree on whether to extract (a collective)
@@ -66,7 +67,8 @@ def features_of(path: str, backbone, digest: str, settings: dict, spec: FeatureS
         return hit[0]
     size = settings["image_size"]
     tf = eval_transform(settings["mean"], settings["std"], size, settings["crop_ratio"])
-    feats = extract_features(backbone, data, tf, size, a.batch_size, a.workers, env.device, env.group, spec)
+    feats = extract_features(backbone, data, tf, size, a.batch_size, a.workers, env.device, env.group, spec,
+                             label=label)
     if feats is not None and key_path:
         save_cached(key_path, feats)
     return feats
@@ -92,6 +94,7 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     if a.threads:
         torch.set_num_threads(a.threads)
     ckpt_dir = os.path.abspath(resolve_checkpoint(a.checkpoint))
+    resolve_device(a.device, key="--device")  # an error names the flag, not the training key
     env = init_distributed(a.device)
     setup_logging(env.rank)
     backbone, cfg = load_weights(a, ckpt_dir)
@@ -110,8 +113,10 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     settings = {"image_size": size, "crop_ratio": a.crop_ratio, "mean": list(cfg.data.aug.mean),
                 "std": list(cfg.data.aug.std), "n_last_blocks": spec.n_last_blocks, "avgpool": spec.avgpool}
     digest = ("pixels" if pixels else weights_digest(backbone)) if a.cache else ""
-    train = features_of(a.train, backbone, digest, settings, spec, a, env)
-    val = features_of(a.val, backbone, digest, settings, spec, a, env)
+    train_data, val_data = open_input(a.train), open_input(a.val)
+    check_classes(train_data.classes, val_data.classes)  # before hours of extraction, not after
+    train = features_of(train_data, backbone, digest, settings, spec, a, env, "train")
+    val = features_of(val_data, backbone, digest, settings, spec, a, env, "val")
     if not env.is_main:
         return None
     align_labels(train.classes, val)
