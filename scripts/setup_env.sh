@@ -23,11 +23,3 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --no-deps -e "$root"
   echo "$want" > "$stamp"
 fi
-# DeepSpeed JIT-compiles its shared-memory communication op (CPU accelerator) the first time a
-# process group starts (about a minute, more on a loaded machine). Build it here, once, so that no
-# test or run pays for it inside its own time budget.
-ext_dir="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
-if "$venv/bin/python" -c "import deepspeed" >/dev/null 2>&1 && ! ls "$ext_dir"/*/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
-  echo "[setup] building DeepSpeed's shared-memory communication op (once; a few minutes)"
-  DS_ACCELERATOR=cpu "$venv/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
-fi
