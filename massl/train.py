@@ -201,7 +201,10 @@ def evaluate_knn(run: Run, knn: PeriodicKNN, logger: MetricsLogger, step: int) -
     """Collective: the k-NN of the teacher after `step` (eval section of the config), logged."""
     start = time.perf_counter()
     with torch.no_grad(), run.engine.teacher_backbone() as backbone:
-        metrics = knn(backbone)
+        metrics = knn(backbone, step)
+    if metrics is None:  # no result (one warning said why): nothing logged, never a fake 0.0
+        logger.t0 += time.perf_counter() - start  # nor counted in the training throughput
+        return
     logger.log_eval(step, (step - 1) // run.data.iters_per_epoch, metrics, time.perf_counter() - start)
 
 
