@@ -227,7 +227,11 @@ def prepare_process(cfg: Config, env: DistEnv) -> None:
     if env.device.type == "cpu":
         # Denormal floats (tiny probabilities, gradients) made CPU steps 3x slower as training went on.
         torch.set_flush_denormal(True)
-    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file on the way (validate checks the path itself)
+        raise ConfigError(f"run.output_dir: {cfg.run.output_dir!r} cannot be created: a part of it is a file; "
+                          f"name a directory") from None
 
 
 def train(cfg: Config, env: DistEnv | None = None) -> dict:

@@ -47,6 +47,10 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 JPEG_END = b"\xff\xd9"  # EOI marker: a JPEG cut short lacks it
 
 
+class AugmentationError(RuntimeError):
+    """An augmentation of a decoded image failed: never counted as an unreadable image."""
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}-{epoch}-{index}")
 
@@ -232,8 +236,11 @@ class MultiCropAugmentation:
         if self.on_device:
             return out, param_rows(crops)
         # cpu_augment works on the HWC view of each channels-last crop
-        return [torch.from_numpy(self.photometric(c.permute(1, 2, 0).numpy(), p)).permute(2, 0, 1)
-                for c, p in zip(out, crops)], None
+        try:
+            return [torch.from_numpy(self.photometric(c.permute(1, 2, 0).numpy(), p)).permute(2, 0, 1)
+                    for c, p in zip(out, crops)], None
+        except DECODE_ERRORS as e:  # the image decoded: not an unreadable image, a bug or a bad setting
+            raise AugmentationError(f"photometric augmentation failed ({type(e).__name__}: {e}); check data.aug") from e
 
     def __call__(self, img: Image.Image, rng: random.Random):
         """PIL image (opened, not necessarily decoded) -> (crops, params) as `apply`."""
