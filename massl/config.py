@@ -128,6 +128,7 @@ class DataConfig:
     local_crops_number: int = 10
     gpu_augment: str = "auto"  # auto (on with CUDA) | true | false
     decode: str = "cpu"  # cpu (workers decode) | device (workers send JPEG bytes, prepare() decodes)
+    timeout_s: float = 600.0  # the longest one read of an image or shard sample may take before the run ends
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -447,6 +448,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         _require(getattr(a, key) >= 0, "data.aug." + key, f"must be >= 0 (torchvision's ColorJitter), got {getattr(a, key)}")
     _require(0 <= a.hue <= 0.5, "data.aug.hue", f"must be in [0, 0.5] (turns of the hue circle), got {a.hue}")
     _require(r.seed >= 0, "run.seed", f"must be >= 0, got {r.seed}")
+    _require(d.timeout_s > 0, "data.timeout_s", f"must be > 0 seconds, got {d.timeout_s}")
     _require(0 <= o.momentum <= 1, "optim.momentum", f"must be in [0, 1], got {o.momentum}")
     _require(0 <= o.teacher_momentum <= 1, "optim.teacher_momentum", f"must be in [0, 1], got {o.teacher_momentum}")
     _require(o.min_lr <= o.lr, "optim.min_lr", f"({o.min_lr}) must not exceed optim.lr ({o.lr})")

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from typing import NoReturn
+from typing import Iterable, Iterator, NoReturn
 
 import torch
 
@@ -50,6 +50,24 @@ def exit_stopped() -> NoReturn:
     sys.exit(STOPPED_EXIT)
 
 
+def die_with_parent(signum: int) -> bool:
+    """Ask Linux to send `signum` to this process when the thread that started it exits
+    (prctl PR_SET_PDEATHSIG); False where that is not available. A parent already gone by now
+    (the race before the call) counts as gone: the signal is raised at once."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signum), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signum)
+    return True
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: stop signals are the training process's business, unless they
     come from the training process itself.
@@ -64,6 +82,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     are blocked and a thread takes them with `sigwaitinfo`, which can.
     """
     parent = os.getppid()
+    die_with_parent(signal.SIGKILL)  # a worker blocked in a read never sees its parent go: no orphan
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
 
     def take_signals() -> None:
@@ -75,14 +94,41 @@ def ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(target=take_signals, name="massl-worker-signals", daemon=True).start()
 
 
+class StopWhileWaiting(Exception):
+    """Raised by the stop-signal handler into a wait for data (one process): a read that may
+    never return must not keep the run from checkpointing and exiting."""
+
+
 class StopOnSignal:
     def __init__(self, device: torch.device, group=None):
         self.device, self.group = device, group
         self.received: int | None = None
+        self.interrupted = False  # a stop signal ended a wait for data
+        self._waiting = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        if self._waiting and self.group is None:
+            raise StopWhileWaiting()
+
+    def waiting(self, batches: Iterable) -> Iterator:
+        """`batches`, with a stop signal honoured while waiting for the next one: in one process
+        the wait ends at once (`interrupted`, the loop checkpoints its last complete step); with
+        several ranks, which must stop after the same step, the wait ends at data.timeout_s."""
+        it = iter(batches)
+        while True:
+            self._waiting = True
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except StopWhileWaiting:
+                self.interrupted = True
+                return
+            finally:
+                self._waiting = False
+            yield batch
 
     def install(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():

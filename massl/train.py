@@ -17,8 +17,10 @@ from .checkpoint.resume import check_config, checkpoint_to_resume, start_history
 from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
 from .data import build_data
+from .data.watch import DataTimeoutError, timeout_message
 from .dist import DistEnv, all_reduce_, barrier, init_distributed, world_of
 from .engines import Engine, build_engine
+from .errors import UserError
 from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
 from .flops import peak_flops, step_flops_per_image
@@ -258,7 +260,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     try:
         while step < stop:
             epoch, start = divmod(step, ipe)
-            for batch in run.data.epoch(epoch, start):
+            for batch in stop_signal.waiting(run.data.epoch(epoch, start)):
                 h = run.sched.at(step)
                 log_now = (step + 1) % cfg.run.log_every == 0 or step + 1 == stop
                 crops = run.data.prepare(batch, env.device)
@@ -277,6 +279,13 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                     evaluate_knn(run, knn, logger, step)
                 if step >= stop:
                     break
+            if stop_signal.interrupted:  # a stop signal while waiting for data (one process)
+                log.info(f"massl: stop signal received while waiting for data; checkpointing at step {step} and exiting")
+                if step > run.state.step:  # steps since the last checkpoint (state.step: saved or resumed)
+                    save_checkpoint(run, window, step)
+                summary["stopped_by_signal"], stop = True, step
+    except DataTimeoutError as e:  # raised in this process or re-raised from a loader worker
+        raise UserError(f"{timeout_message(e)}; the last checkpoint in {run.ckpt.root} is intact") from None
     finally:
         stop_signal.uninstall()
         logger.close()

@@ -33,7 +33,7 @@ RESUME_MAY_CHANGE = frozenset({
     "run.output_dir", "run.resume", "run.max_steps", "run.threads", "run.device", "run.precision",
     "run.log_every", "run.log_all_ranks", "run.tensorboard", "run.checkpoint_every", "run.keep_last",
     "memory.sharded", "memory.chunk_rows",
-    "data.path", "data.urls", "data.manifest", "data.num_workers", "data.gpu_augment",
+    "data.path", "data.urls", "data.manifest", "data.num_workers", "data.gpu_augment", "data.timeout_s",
     "engine.name", "engine.activation_checkpointing", "engine.ac_every", "engine.compile",
 })
 SUPERSEDED = "superseded"
