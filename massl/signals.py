@@ -1,4 +1,5 @@
-"""Stop cleanly on SIGTERM / SIGUSR1 (Slurm preemption, requeue, time limit, `kill`).
+"""Stop cleanly on SIGTERM / SIGUSR1 (Slurm preemption, requeue, time limit, `kill`) and on the
+first SIGINT (Ctrl-C; a second one exits at once).
 
 The handler only records the signal; the loop polls `agreed()` every few steps, an all-reduce
 that makes every rank stop after the same step, then writes a checkpoint and returns. massl-train
@@ -18,12 +19,22 @@ import torch
 
 from .dist import all_reduce_
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C, the first one
+INTERRUPTED_EXIT = 130  # a second Ctrl-C: at once, no checkpoint (the shell's status for SIGINT)
 STOPPED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped early by a signal, checkpoint written; run again to continue
 _early: list[int] = []  # stop signals received before the loop's StopOnSignal was installed
 
 
+def _exit_on_second_interrupt(signum: int, received) -> None:
+    """A second Ctrl-C (after any stop signal) ends the process at once: the user does not want
+    to wait for the checkpoint. Checkpoints are written atomically: none is left half-written."""
+    if signum == signal.SIGINT and received:
+        print("massl: second interrupt: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED_EXIT)
+
+
 def _record_early(signum, frame) -> None:
+    _exit_on_second_interrupt(signum, _early)
     _early.append(signum)
 
 
@@ -108,6 +119,7 @@ class StopOnSignal:
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        _exit_on_second_interrupt(signum, self.received is not None)
         self.received = signum
         if self._waiting and self.group is None:
             raise StopWhileWaiting()

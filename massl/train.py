@@ -29,6 +29,7 @@ from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_
 from .memory import MemoryBank
 from .models import build_student_teacher
 from .scaling import LossShape, resolve_sharded
+from .runlock import acquire_run_lock, release_run_lock
 from .schedules import Schedules
 from .signals import StopOnSignal
 from .trainer_state import TrainerState
@@ -236,12 +237,33 @@ def prepare_process(cfg: Config, env: DistEnv) -> None:
                           f"name a directory") from None
 
 
+def lock_run_dir(cfg: Config, env: DistEnv) -> str:
+    """The main rank locks the run directory for the run's life (massl/runlock.py); every rank
+    learns whether it could (collective), so that a refused run ends on all ranks."""
+    error = ""
+    key = ""
+    if env.is_main:
+        try:
+            key = acquire_run_lock(cfg.run.output_dir)
+        except UserError as e:
+            error = str(e)
+    if env.world_size > 1:
+        flag = all_reduce_(torch.tensor([1.0 if error else 0.0], device=env.device), env.group,
+                           op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not error:
+            error = f"run.output_dir: {cfg.run.output_dir!r} is in use by another run (rank 0 says which)"
+    if error:
+        raise UserError(error)
+    return key
+
+
 def train(cfg: Config, env: DistEnv | None = None) -> dict:
     """Run (or resume) the training described by `cfg`. Returns a summary of the last step."""
     env = env or init_distributed(cfg.run.device)
     setup_logging(env.rank, cfg.run.log_all_ranks)
     validate(cfg, env.world_size, device_type=env.device.type)
     prepare_process(cfg, env)
+    lock = lock_run_dir(cfg, env)  # before anything in the directory changes (a resume's history moves)
     knn = PeriodicKNN(cfg, env)  # opens the evaluation inputs: a bad one fails before any work
     run = build_run(cfg, env)
     resumed_from = resume(run)
@@ -253,6 +275,11 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
              f"{'sharded' if run.memory.sharded else 'replicated'} (memory.sharded={cfg.memory.sharded}), "
              f"{ipe} steps/epoch, steps {step} -> {stop}"
              + (f", resumed from {resumed_from}" if resumed_from else ""))
+    if step >= stop:  # nothing to train: no new log or TensorBoard file
+        log.info(f"massl: nothing to do: the run is at step {step}, run.max_steps={cfg.run.max_steps} stops at "
+                 f"{stop}; raise run.max_steps (the schedules end at {run.sched.total_iters}) to continue")
+        release_run_lock(lock)
+        return {"step": step, "final_step": step}
     logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step,
                            *model_flops(run))
     window, summary = StepWindow(env.device), {"step": step}
@@ -290,6 +317,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         stop_signal.uninstall()
         logger.close()
         run.data.close()
+        release_run_lock(lock)
     summary["final_step"] = step
     if env.is_main:
         with open(os.path.join(cfg.run.output_dir, "summary.json"), "w") as f:
