@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import CheckpointManager, read_checkpoint_manifest
-from .checkpoint.resume import check_config, checkpoint_to_resume, start_history
+from .checkpoint.resume import check_config, checkpoint_to_resume, deepspeed_options, start_history
 from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
 from .data import build_data
@@ -197,7 +197,9 @@ def save_checkpoint(run: Run, window: StepWindow, step: int) -> None:
     parts = {**run.parts, TEACHER_PART: TeacherFile(run.engine, run.env.is_main)}  # the file the tools read
     run.ckpt.save(step, parts, meta={
         "format": run.engine.checkpoint_format, "engine": run.engine.name, "world_size": run.env.world_size,
-        "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict()})
+        "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict(),
+        **({"deepspeed_options": deepspeed_options(run.cfg.engine.deepspeed_config)}  # compared by content on resume
+           if run.cfg.engine.deepspeed_config else {})})
 
 
 def evaluate_knn(run: Run, knn: PeriodicKNN, logger: MetricsLogger, step: int) -> None:
