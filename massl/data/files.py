@@ -23,15 +23,11 @@ def image_extension(files: dict) -> Optional[str]:
     return next((e for e in IMAGE_EXTENSIONS if e in files), None)
 
 
-def _inside(path: str, real_root: str) -> bool:
-    return path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep)
-
-
 class _Listing:
     """The entries of a folder walk that are used, and the count of those skipped (a warning)."""
 
     def __init__(self, root: str):
-        self.root, self.real_root = root, os.path.realpath(root)
+        self.root = root
         self.skipped: dict[str, list] = {}
 
     def skip(self, why: str, path: str) -> None:
@@ -39,22 +35,17 @@ class _Listing:
 
     def entries(self, folder: str) -> tuple[list[str], list[str]]:
         """(sub-folders, image files) of `folder`, by name. Only regular files are images (a FIFO
-        or device would block the reader); a link is followed only to a file inside the root; a
-        linked folder is never entered (a loop, a duplicate class or a way out of the root)."""
+        or device would block the reader). A link to a file is that file, wherever it is (each
+        such link is an explicit choice: subsets of a dataset are often made of links); a linked
+        folder is never entered (a loop, a class duplicated or invented, a whole other tree)."""
         dirs, files = [], []
         with os.scandir(folder) as it:
             for e in it:
                 if e.name.startswith(".") and folder == self.root and e.is_dir():
                     continue  # a hidden folder at the top is not a class
-                if e.is_symlink():
-                    target = os.path.realpath(e.path)
-                    if os.path.isdir(target):
-                        self.skip("linked folders (never entered: loops, duplicated classes)", e.path)
-                        continue
-                    if not _inside(target, self.real_root):
-                        if is_image_file(e.name):
-                            self.skip("links that lead out of the folder", e.path)
-                        continue
+                if e.is_symlink() and os.path.isdir(e.path):
+                    self.skip("linked folders (never entered: loops, duplicated classes, other trees)", e.path)
+                    continue
                 if e.is_dir(follow_symlinks=False):
                     dirs.append(e.name)
                 elif is_image_file(e.name):
@@ -80,8 +71,8 @@ class _Listing:
 
 def scan_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
     """(paths, labels, class names). Sub-folders are classes; files directly in `root` get label -1.
-    Links are followed only to files inside `root`; linked folders and entries that are not
-    regular files are skipped with one warning per kind."""
+    Links to files are followed; linked folders and entries that are not regular files are
+    skipped with one warning per kind."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist")
     listing = _Listing(root)
