@@ -58,6 +58,7 @@ def test_a_file_that_blocks_is_a_timeout_naming_it(digits_dir, tmp_path):
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_stalled_pipe_ends_training_with_one_line(shards, tmp_path, workers):
     from massl.train import train

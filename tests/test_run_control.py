@@ -72,6 +72,7 @@ def test_a_second_ctrl_c_exits_at_once(monkeypatch, capsys):
     assert e.value.code == 130 and "second interrupt: exiting now" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(tiny_config, tmp_path):
     from massl.train import train
 
