@@ -311,6 +311,9 @@ def index(urls: list[str], out: str) -> dict:
     return manifest
 
 
+INTERRUPTED_EXIT = 130  # the shell's status for a command ended by SIGINT
+
+
 def main(argv=None) -> int:
     """Exit status: 0 done (verify: all good), 1 verify found problems, 2 a user error (one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -319,6 +322,10 @@ def main(argv=None) -> int:
         return run(argv)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
+        print("error: interrupted (Ctrl-C); run the same command again to continue (finished shards are kept)",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
 
 
 def run(argv: list[str]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -101,7 +102,10 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
 def exit_with_parent(parent: int) -> None:
     """Worker pool initializer: end this worker once massl-shard is gone. A pool worker waits on
     its task queue forever when the process that owns the pool is killed (kill -9, OOM killer)
-    without shutting the pool down."""
+    without shutting the pool down. Ctrl-C reaches the whole foreground process group: a worker
+    ignores it (massl-shard itself stops, in one line, and shuts the pool down)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)

@@ -16,6 +16,8 @@ if [ $# -lt 2 ]; then
 fi
 hostfile=$1 config=$2
 shift 2
+# shellcheck source=launch/forward_signals.sh
+source "$(dirname "$0")/forward_signals.sh"  # stop signals reach the ranks
 # shellcheck disable=SC2086
-exec "${DEEPSPEED:-deepspeed}" --hostfile "$hostfile" ${DS_LAUNCHER_ARGS:-} \
+run_forwarding_signals "${DEEPSPEED:-deepspeed}" --hostfile "$hostfile" ${DS_LAUNCHER_ARGS:-} \
   --module massl.cli --config "$config" engine.name=deepspeed "$@"

@@ -11,7 +11,9 @@ fi
 nproc=$1 config=$2
 shift 2
 PYTHON=${PYTHON:-python}
-exec "$PYTHON" -m torch.distributed.run \
+# shellcheck source=launch/forward_signals.sh
+source "$(dirname "$0")/forward_signals.sh"  # stop signals reach the ranks
+run_forwarding_signals "$PYTHON" -m torch.distributed.run \
   --nnodes="${NNODES:-1}" --node-rank="${NODE_RANK:-0}" --nproc-per-node="$nproc" \
   --master-addr="${MASTER_ADDR:-127.0.0.1}" --master-port="${MASTER_PORT:-29500}" \
   -m massl.cli --config "$config" "$@"

@@ -36,6 +36,12 @@ def train_main(argv=None) -> None:
     from .signals import exit_stopped, stop_signals_recorded
 
     with stop_signals_recorded():  # from here on a stop signal is never lost
+        if "LOCAL_RANK" in os.environ:  # a rank of a launcher (torchrun, deepspeed, srun): if it dies,
+            import signal  # this rank stops at an agreed step and checkpoints, not trains on alone
+
+            from .signals import die_with_parent
+
+            die_with_parent(signal.SIGTERM)
         from .train import train
 
         try:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_origin, get_type_hints
 
@@ -130,6 +132,7 @@ class DataConfig:
     gpu_augment: str = "auto"  # auto (on with CUDA) | true | false
     decode: str = "cpu"  # cpu (workers decode) | device (workers send JPEG bytes, prepare() decodes)
     draft_decode: bool = True  # decode: cpu: JPEGs at 1/2 or 1/4 scale where every crop allows it (docs/data.md)
+    timeout_s: float = 600.0  # the longest one read of an image or shard sample may take before the run ends
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -213,6 +216,8 @@ def _convert(key: str, value: Any, typ: Any) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if typ is int:
+        if isinstance(value, float) and not math.isfinite(value):  # int() of it is a traceback
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
@@ -264,6 +269,20 @@ def _merge(obj: Any, data: dict, prefix: str = "", strict: bool = True) -> None:
             setattr(obj, k, _convert(key, v, hints[k]))
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """safe_load that refuses an alias (*name) of a list or mapping: a few such aliases nested
+    expand exponentially (a 1 kB "billion laughs" file). Aliases of plain values still work."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and not isinstance(node, yaml.ScalarNode):
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} of a list or mapping; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def yaml_problem(e: yaml.YAMLError) -> str:
     """'line 3, column 7: mapping values are not allowed here' (PyYAML's message spans several lines)."""
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
@@ -272,16 +291,65 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
+def _declared_type(key: str) -> Any:
+    """The schema type of a dotted key (None for an unknown key or a section)."""
+    obj: Any = Config
+    parts = RENAMED.get(key, key).split(".")
+    for i, p in enumerate(parts):
+        if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+            return None
+        hints = get_type_hints(obj)
+        if p not in hints:
+            return None
+        obj = hints[p]
+    return None if dataclasses.is_dataclass(obj) else obj
+
+
+INT_TEXT = re.compile(r"[+-]?(0|[1-9][0-9]*)")  # no leading zero (YAML 1.1 read 0123 as octal 83)
+FLOAT_WORDS = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+
+
+def _parse_override(key: str, raw: str) -> Any:
+    """An override's text read by the key's declared type: strings and paths literally (a `#` or
+    `~` is part of the value), integers and floats strictly, booleans as true/false, lists as a
+    YAML flow list. Unknown keys and sections are read as YAML (the merge names the problem)."""
+    typ = _declared_type(key)
+    text = raw.strip()
+    if typ is str:
+        return raw
+    if typ is int:
+        if not INT_TEXT.fullmatch(text):
+            raise ConfigError(f"{key}: expected an integer such as 10, got {raw!r}")
+        return int(text)
+    if typ is float:
+        if text.lower() in FLOAT_WORDS:
+            return FLOAT_WORDS[text.lower()]  # parsed, then refused by validation with the key's range
+        try:
+            if text.lower().lstrip("+-") in ("inf", "infinity", "nan") or "_" in text:
+                raise ValueError
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number such as 1e-3, got {raw!r}") from None
+    if typ is bool:
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+        return text.lower() == "true"
+    try:
+        value = yaml.load(raw, Loader=ConfigLoader) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({yaml_problem(e)}); quote it or fix it") from None
+    if (typ is list or get_origin(typ) is list) and not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list such as [0.32, 1.0], got {raw!r}")
+    return value
+
+
 def _dotted_to_nested(overrides: list[str]) -> list[dict]:
     out = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse value {raw!r} ({yaml_problem(e)}); quote it or fix it") from None
+        value = _parse_override(key.strip(), raw)
         nested: dict = {}
         cur = nested
         parts = key.strip().split(".")
@@ -298,11 +366,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"--config: file {path!r} does not exist")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"--config {path}: not valid YAML ({yaml_problem(e)}); fix the file") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                              f"save the file as UTF-8") from None
+        try:
+            data = yaml.load(text, Loader=ConfigLoader) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({yaml_problem(e)}); fix the file") from None
         _merge(cfg, data)
     nested_overrides = _dotted_to_nested(overrides or [])
     for nested in nested_overrides:
@@ -372,6 +446,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
     for key, choices in CHOICES.items():
         _require(_get(cfg, key) in choices, key, f"must be one of {', '.join(map(str, choices))}, got {_get(cfg, key)!r}")
 
+    _check_finite(cfg)
     r, m, mem, o, d, a = cfg.run, cfg.model, cfg.memory, cfg.optim, cfg.data, cfg.data.aug
     if device_type is None and r.device == "cpu":
         device_type = "cpu"
@@ -394,6 +469,13 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
                 "blur_prob_global2", "blur_prob_local", "solarize_prob_global2"):
         v = getattr(a, key)
         _require(0 <= v <= 1, "data.aug." + key, f"is a probability, must be in [0, 1], got {v}")
+    # colour jitter strengths as torchvision's ColorJitter defines them (factors 1 +- strength, hue in turns)
+    for key in ("brightness", "contrast", "saturation"):
+        _require(getattr(a, key) >= 0, "data.aug." + key, f"must be >= 0 (torchvision's ColorJitter), got {getattr(a, key)}")
+    _require(0 <= a.hue <= 0.5, "data.aug.hue", f"must be in [0, 0.5] (turns of the hue circle), got {a.hue}")
+    _require(r.seed >= 0, "run.seed", f"must be >= 0, got {r.seed}")
+    _require(d.timeout_s > 0, "data.timeout_s", f"must be > 0 seconds, got {d.timeout_s}")
+    _require(0 <= o.momentum <= 1, "optim.momentum", f"must be in [0, 1], got {o.momentum}")
     _require(0 <= o.teacher_momentum <= 1, "optim.teacher_momentum", f"must be in [0, 1], got {o.teacher_momentum}")
     _require(o.min_lr <= o.lr, "optim.min_lr", f"({o.min_lr}) must not exceed optim.lr ({o.lr})")
     _require(o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
@@ -438,6 +520,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
         _require(os.path.exists(m.init_from), "model.init_from",
                  f"{m.init_from!r} does not exist (a .safetensors state dict, or a massl checkpoint or run directory)")
     if check_paths:  # a finished run's config (export, eval) is read where its data may not exist
+        _require(not os.path.exists(r.output_dir) or os.path.isdir(r.output_dir), "run.output_dir",
+                 f"{r.output_dir!r} is a file, not a directory; name a directory (it is created if missing)")
         if d.source == "imagefolder":
             _require(bool(d.path), "data.path", "is required when data.source is imagefolder")
             _require(os.path.isdir(d.path), "data.path", f"directory {d.path!r} does not exist")
@@ -483,6 +567,18 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_paths: bool = 
 
 
 DEFAULTS = Config()
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every number of the config, lists included, is finite: a nan or inf passes every range
+    check written as a comparison that is false for nan (or true for inf) and trains on garbage."""
+    for f in fields(obj):
+        key, v = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_finite(v, key + ".")
+            continue
+        for x in v if isinstance(v, list) else [v]:
+            _require(not isinstance(x, float) or math.isfinite(x), key, f"must be a finite number, got {v}")
 
 
 def _check_no_effect(cfg: Config, warn: bool) -> None:

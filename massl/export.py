@@ -10,9 +10,9 @@ import os
 
 import torch
 
-from .checkpoint.reader import read_config, read_teacher_backbone, resolve_checkpoint
+from .checkpoint.reader import load_backbone_strictly, read_config, read_teacher_backbone, resolve_checkpoint
 from .fileio import save_safetensors, write_json_atomic
-from .models import backbone_spec
+from .models import backbone_spec, build_backbone
 
 
 def export_teacher(checkpoint: str, out: str, trust_checkpoint: bool = False) -> dict:
@@ -25,6 +25,9 @@ def export_teacher(checkpoint: str, out: str, trust_checkpoint: bool = False) ->
     ckpt_dir = resolve_checkpoint(checkpoint)
     cfg = read_config(ckpt_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in read_teacher_backbone(ckpt_dir, trust_checkpoint).items()}
+    # the model the spec names, loaded strictly before anything is written: a file that would not
+    # load into timm.create_model(...) is never exported
+    load_backbone_strictly(build_backbone(cfg.model, cfg.data.global_crop_size), state, ckpt_dir)
     spec = {**backbone_spec(cfg.model, cfg.data.global_crop_size), "checkpoint": os.path.abspath(ckpt_dir),
             "mean": cfg.data.aug.mean, "std": cfg.data.aug.std}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

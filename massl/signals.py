@@ -1,4 +1,5 @@
-"""Stop cleanly on SIGTERM / SIGUSR1 (Slurm preemption, requeue, time limit, `kill`).
+"""Stop cleanly on SIGTERM / SIGUSR1 (Slurm preemption, requeue, time limit, `kill`) and on the
+first SIGINT (Ctrl-C; a second one exits at once).
 
 The handler only records the signal; the loop polls `agreed()` every few steps, an all-reduce
 that makes every rank stop after the same step, then writes a checkpoint and returns. massl-train
@@ -12,18 +13,28 @@ import os
 import signal
 import sys
 import threading
-from typing import NoReturn
+from typing import Iterable, Iterator, NoReturn
 
 import torch
 
 from .dist import all_reduce_
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C, the first one
+INTERRUPTED_EXIT = 130  # a second Ctrl-C: at once, no checkpoint (the shell's status for SIGINT)
 STOPPED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped early by a signal, checkpoint written; run again to continue
 _early: list[int] = []  # stop signals received before the loop's StopOnSignal was installed
 
 
+def _exit_on_second_interrupt(signum: int, received) -> None:
+    """A second Ctrl-C (after any stop signal) ends the process at once: the user does not want
+    to wait for the checkpoint. Checkpoints are written atomically: none is left half-written."""
+    if signum == signal.SIGINT and received:
+        print("massl: second interrupt: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED_EXIT)
+
+
 def _record_early(signum, frame) -> None:
+    _exit_on_second_interrupt(signum, _early)
     _early.append(signum)
 
 
@@ -50,6 +61,24 @@ def exit_stopped() -> NoReturn:
     sys.exit(STOPPED_EXIT)
 
 
+def die_with_parent(signum: int) -> bool:
+    """Ask Linux to send `signum` to this process when the thread that started it exits
+    (prctl PR_SET_PDEATHSIG); False where that is not available. A parent already gone by now
+    (the race before the call) counts as gone: the signal is raised at once."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signum), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signum)
+    return True
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: stop signals are the training process's business, unless they
     come from the training process itself.
@@ -64,6 +93,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     are blocked and a thread takes them with `sigwaitinfo`, which can.
     """
     parent = os.getppid()
+    die_with_parent(signal.SIGKILL)  # a worker blocked in a read never sees its parent go: no orphan
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
 
     def take_signals() -> None:
@@ -75,14 +105,42 @@ def ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(target=take_signals, name="massl-worker-signals", daemon=True).start()
 
 
+class StopWhileWaiting(Exception):
+    """Raised by the stop-signal handler into a wait for data (one process): a read that may
+    never return must not keep the run from checkpointing and exiting."""
+
+
 class StopOnSignal:
     def __init__(self, device: torch.device, group=None):
         self.device, self.group = device, group
         self.received: int | None = None
+        self.interrupted = False  # a stop signal ended a wait for data
+        self._waiting = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        _exit_on_second_interrupt(signum, self.received is not None)
         self.received = signum
+        if self._waiting and self.group is None:
+            raise StopWhileWaiting()
+
+    def waiting(self, batches: Iterable) -> Iterator:
+        """`batches`, with a stop signal honoured while waiting for the next one: in one process
+        the wait ends at once (`interrupted`, the loop checkpoints its last complete step); with
+        several ranks, which must stop after the same step, the wait ends at data.timeout_s."""
+        it = iter(batches)
+        while True:
+            self._waiting = True
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except StopWhileWaiting:
+                self.interrupted = True
+                return
+            finally:
+                self._waiting = False
+            yield batch
 
     def install(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():

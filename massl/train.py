@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import CheckpointManager, read_checkpoint_manifest
-from .checkpoint.resume import check_config, checkpoint_to_resume, start_history
+from .checkpoint.resume import check_config, checkpoint_to_resume, deepspeed_options, start_history
 from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
 from .data import build_data
+from .data.watch import DataTimeoutError, timeout_message
 from .dist import DistEnv, all_reduce_, barrier, init_distributed, world_of
 from .engines import Engine, build_engine, engine_class
+from .errors import UserError
 from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
 from .flops import peak_flops, step_flops_per_image
@@ -27,6 +29,7 @@ from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_
 from .memory import MemoryBank
 from .models import build_student_teacher
 from .scaling import LossShape, resolve_sharded
+from .runlock import acquire_run_lock, release_run_lock
 from .schedules import Schedules
 from .signals import StopOnSignal
 from .trainer_state import TrainerState
@@ -196,7 +199,9 @@ def save_checkpoint(run: Run, window: StepWindow, step: int) -> None:
     start = time.perf_counter()
     path = run.ckpt.save(step, parts, meta={
         "format": run.engine.checkpoint_format, "engine": run.engine.name, "world_size": run.env.world_size,
-        "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict()})
+        "epoch": step // run.data.iters_per_epoch, "config": run.cfg.to_dict(),
+        **({"deepspeed_options": deepspeed_options(run.cfg.engine.deepspeed_config)}  # compared by content on resume
+           if run.cfg.engine.deepspeed_config else {})})
     log.info(f"massl: checkpoint of step {step} written to {path} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -204,7 +209,10 @@ def evaluate_knn(run: Run, knn: PeriodicKNN, logger: MetricsLogger, step: int) -
     """Collective: the k-NN of the teacher after `step` (eval section of the config), logged."""
     start = time.perf_counter()
     with torch.no_grad(), run.engine.teacher_backbone() as backbone:
-        metrics = knn(backbone)
+        metrics = knn(backbone, step)
+    if metrics is None:  # no result (one warning said why): nothing logged, never a fake 0.0
+        logger.t0 += time.perf_counter() - start  # nor counted in the training throughput
+        return
     logger.log_eval(step, (step - 1) // run.data.iters_per_epoch, metrics, time.perf_counter() - start)
 
 
@@ -227,7 +235,31 @@ def prepare_process(cfg: Config, env: DistEnv) -> None:
     if env.device.type == "cpu":
         # Denormal floats (tiny probabilities, gradients) made CPU steps 3x slower as training went on.
         torch.set_flush_denormal(True)
-    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file on the way (validate checks the path itself)
+        raise ConfigError(f"run.output_dir: {cfg.run.output_dir!r} cannot be created: a part of it is a file; "
+                          f"name a directory") from None
+
+
+def lock_run_dir(cfg: Config, env: DistEnv) -> str:
+    """The main rank locks the run directory for the run's life (massl/runlock.py); every rank
+    learns whether it could (collective), so that a refused run ends on all ranks."""
+    error = ""
+    key = ""
+    if env.is_main:
+        try:
+            key = acquire_run_lock(cfg.run.output_dir)
+        except UserError as e:
+            error = str(e)
+    if env.world_size > 1:
+        flag = all_reduce_(torch.tensor([1.0 if error else 0.0], device=env.device), env.group,
+                           op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not error:
+            error = f"run.output_dir: {cfg.run.output_dir!r} is in use by another run (rank 0 says which)"
+    if error:
+        raise UserError(error)
+    return key
 
 
 def train(cfg: Config, env: DistEnv | None = None) -> dict:
@@ -237,6 +269,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     validate(cfg, env.world_size, device_type=env.device.type)
     engine_class(cfg.engine.name).check_config(cfg, env)  # the engine's own settings (e.g. a ds_config file)
     prepare_process(cfg, env)
+    lock = lock_run_dir(cfg, env)  # before anything in the directory changes (a resume's history moves)
     knn = PeriodicKNN(cfg, env)  # opens the evaluation inputs: a bad one fails before any work
     run = build_run(cfg, env)
     resumed_from = resume(run)
@@ -248,6 +281,11 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
              f"{'sharded' if run.memory.sharded else 'replicated'} (memory.sharded={cfg.memory.sharded}), "
              f"{ipe} steps/epoch, steps {step} -> {stop}"
              + (f", resumed from {resumed_from}" if resumed_from else ""))
+    if step >= stop:  # nothing to train: no new log or TensorBoard file
+        log.info(f"massl: nothing to do: the run is at step {step}, run.max_steps={cfg.run.max_steps} stops at "
+                 f"{stop}; raise run.max_steps (the schedules end at {run.sched.total_iters}) to continue")
+        release_run_lock(lock)
+        return {"step": step, "final_step": step}
     logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, stop, step,  # stop: run.max_steps too
                            *model_flops(run))
     window, summary = StepWindow(env.device), {"step": step}
@@ -255,7 +293,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     try:
         while step < stop:
             epoch, start = divmod(step, ipe)
-            for batch in run.data.epoch(epoch, start):
+            for batch in stop_signal.waiting(run.data.epoch(epoch, start)):
                 h = run.sched.at(step)
                 log_now = (step + 1) % cfg.run.log_every == 0 or step + 1 == stop
                 crops = run.data.prepare(batch, env.device)
@@ -274,10 +312,18 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                     evaluate_knn(run, knn, logger, step)
                 if step >= stop:
                     break
+            if stop_signal.interrupted:  # a stop signal while waiting for data (one process)
+                log.info(f"massl: stop signal received while waiting for data; checkpointing at step {step} and exiting")
+                if step > run.state.step:  # steps since the last checkpoint (state.step: saved or resumed)
+                    save_checkpoint(run, window, step)
+                summary["stopped_by_signal"], stop = True, step
+    except DataTimeoutError as e:  # raised in this process or re-raised from a loader worker
+        raise UserError(f"{timeout_message(e)}; the last checkpoint in {run.ckpt.root} is intact") from None
     finally:
         stop_signal.uninstall()
         logger.close()
         run.data.close()
+        release_run_lock(lock)
     summary["final_step"] = step
     log.info(f"massl: run {'stopped' if summary.get('stopped_by_signal') else 'finished'} at step {step}"
              f"{'' if summary.get('stopped_by_signal') else f' of {stop}'}; outputs in {cfg.run.output_dir}")

@@ -44,13 +44,11 @@ def read_teacher_state_dict(ckpt_dir: str, trust: bool = False) -> dict:
     manifest = read_checkpoint_manifest(ckpt_dir)
     path = os.path.join(ckpt_dir, TEACHER_PATH)
     if os.path.isfile(path):
-        from safetensors.torch import load_file
-
         recorded = manifest.get("sha256", {}).get(TEACHER_PATH)
         if recorded is not None and sha256_file(path)[0] != recorded:
             raise UserError(f"--checkpoint {ckpt_dir}: {TEACHER_PATH} does not match the sha256 recorded when it "
                             f"was saved: the file is damaged; use another checkpoint")
-        return load_file(path)
+        return read_safetensors(path, f"--checkpoint {ckpt_dir}: {TEACHER_PATH}")
     if not trust:
         raise UserError(f"--checkpoint {ckpt_dir}: has no {TEACHER_PATH} (written by an older massl, or not by "
                         f"massl); its other files are pickles, which can run code when read: pass "
@@ -58,6 +56,37 @@ def read_teacher_state_dict(ckpt_dir: str, trust: bool = False) -> dict:
     from ..engines import read_teacher_state_dict as read_format
 
     return read_format(manifest.get("format", "torch"), engine_directory(ckpt_dir, manifest))
+
+
+def read_safetensors(path: str, name: str) -> dict:
+    """A safetensors file's tensors; a malformed one (header, offsets, truncation) is a UserError
+    that starts with `name`, not a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise UserError(f"{name}: not a readable safetensors file ({' '.join(str(e).split())}); use another "
+                        f"checkpoint") from None
+
+
+def load_backbone_strictly(backbone: nn.Module, state: dict, ckpt_dir: str) -> None:
+    """Load `state` into `backbone` with every key and shape matching, or a UserError in one line
+    that says what does not match (a file that could not load must never be exported or used)."""
+    want = backbone.state_dict()
+    if not state:
+        raise UserError(f"--checkpoint {ckpt_dir}: the teacher holds no backbone tensors; use another checkpoint")
+    missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} (the model has {tuple(want[k].shape)})"
+              for k in sorted(want.keys() & state.keys()) if state[k].shape != want[k].shape]
+    problems = ([f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []) + (
+        [f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else []) + (
+        [f"{len(shapes)} of another shape, e.g. {shapes[0]}"] if shapes else [])
+    if problems:
+        raise UserError(f"--checkpoint {ckpt_dir}: the teacher does not fit the model of the run's config: tensors "
+                        f"{'; '.join(problems)}; use the checkpoint of this run")
+    backbone.load_state_dict(state, strict=True)
 
 
 def read_teacher_backbone(ckpt_dir: str, trust: bool = False) -> dict:
@@ -77,5 +106,5 @@ def load_teacher_backbone(checkpoint: str, random_init: bool = False, seed: int 
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.model, cfg.data.global_crop_size)
     if not random_init:
-        backbone.load_state_dict(read_teacher_backbone(ckpt_dir, trust), strict=True)
+        load_backbone_strictly(backbone, read_teacher_backbone(ckpt_dir, trust), ckpt_dir)
     return backbone.eval(), cfg

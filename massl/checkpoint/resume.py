@@ -33,10 +33,13 @@ RESUME_MAY_CHANGE = frozenset({
     "run.output_dir", "run.resume", "run.max_steps", "run.threads", "run.device", "run.precision",
     "run.log_every", "run.log_all_ranks", "run.tensorboard", "run.checkpoint_every", "run.keep_last",
     "memory.sharded", "memory.chunk_rows",
-    "data.path", "data.urls", "data.manifest", "data.num_workers", "data.gpu_augment",
+    "data.path", "data.urls", "data.manifest", "data.num_workers", "data.gpu_augment", "data.timeout_s",
     "engine.name", "engine.activation_checkpointing", "engine.ac_every", "engine.compile",
     "model.init_from", "model.init_from_trust",  # a resume's weights come from the checkpoint
+    "engine.fsdp_reshard_after_forward",  # when FSDP frees gathered weights: memory and speed only
 })
+# Compared by what the file holds, not by its path (deepspeed_options below)
+COMPARED_BY_CONTENT = frozenset({"engine.deepspeed_config"})
 SUPERSEDED = "superseded"
 RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "config.yaml", "tb", "eval")  # besides checkpoints/
 
@@ -72,21 +75,46 @@ def config_changes(saved: dict, saved_world: int, cfg: Config, world: int) -> li
     massl) are not compared."""
     old, new = _flat(saved), _flat(cfg.to_dict())
     changes = [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
-               if k not in RESUME_MAY_CHANGE | {"data.batch_size"} and old[k] != new[k]]
+               if k not in RESUME_MAY_CHANGE | COMPARED_BY_CONTENT | {"data.batch_size"} and old[k] != new[k]]
     if "data.batch_size" in old and old["data.batch_size"] * saved_world != cfg.data.batch_size * world:
         changes.append(f"global batch (data.batch_size x ranks) {old['data.batch_size']} x {saved_world} -> "
                        f"{cfg.data.batch_size} x {world}")
     return changes
 
 
+def deepspeed_options(path: str) -> Optional[dict]:
+    """The DeepSpeed options a engine.deepspeed_config file holds ({} for none; None if unreadable)."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def deepspeed_config_change(manifest: dict, cfg: Config) -> list[str]:
+    """engine.deepspeed_config compared by effect: the options the checkpoint recorded (or, for a
+    checkpoint that did not record them, those its file holds now) against this run's file."""
+    old_path = manifest.get("config", {}).get("engine", {}).get("deepspeed_config", "")
+    new_path = cfg.engine.deepspeed_config
+    if old_path == new_path and "deepspeed_options" not in manifest:
+        return []
+    old = manifest.get("deepspeed_options", deepspeed_options(old_path))
+    if old is not None and old == deepspeed_options(new_path):
+        return []
+    return [f"engine.deepspeed_config {old_path!r} -> {new_path!r} (other DeepSpeed options)"]
+
+
 def check_config(directory: str, cfg: Config, world: int) -> None:
     manifest = read_checkpoint_manifest(directory)
     changes = config_changes(manifest.get("config", {}), manifest.get("world_size", 1), cfg, world)
+    changes += deepspeed_config_change(manifest, cfg)
     if changes:
         raise ConfigError(
             f"run.resume: checkpoint {directory} was trained with other settings: {', '.join(changes)}; a resume "
-            f"may change only how the run goes on (run.max_steps, logging, checkpointing, devices, engine, data "
-            f"location). Resume with the checkpoint's values, or start a new run (another run.output_dir, or "
+            f"may change only how the run goes on (run.max_steps, logging, checkpointing, devices, the engine's "
+            f"name, activation checkpointing, compile and FSDP resharding, data location). Resume with the checkpoint's values, or start a new run (another run.output_dir, or "
             f"run.resume=never, which moves this run's outputs aside)")
 
 

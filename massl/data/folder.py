@@ -10,6 +10,7 @@ from ..signals import ignore_stop_signals
 from .batch import Batch, DevicePrepare, collate
 from .files import scan_image_folder
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
+from .watch import reading
 from .webdataset import warn
 
 
@@ -23,6 +24,7 @@ class MultiCropFolder(torch.utils.data.Dataset):
     def __init__(self, root: str, transform: MultiCropAugmentation, seed: int):
         self.paths, self.labels, self.classes = scan_image_folder(root)
         self.transform, self.seed = transform, seed
+        self.timeout = 0.0  # data.timeout_s, set by the source: the bound on one file's read
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -33,8 +35,9 @@ class MultiCropFolder(torch.utils.data.Dataset):
         for skipped in range(self.MAX_REPLACEMENTS):
             i = (index + skipped) % len(self.paths)
             try:
-                with open(self.paths[i], "rb") as f:  # decoded by the transform (JPEG draft mode) or the device
-                    views = self.transform.load(f.read(), sample_rng(self.seed, epoch, i))
+                with reading(self.paths[i], self.timeout), open(self.paths[i], "rb") as f:
+                    data = f.read()
+                views = self.transform.load(data, sample_rng(self.seed, epoch, i))  # JPEG draft mode, or the device
                 return views, int(skipped > 0), i, tuple(unreadable)
             except DECODE_ERRORS as e:
                 unreadable.append((self.paths[i], f"{type(e).__name__}: {e}"))
@@ -76,6 +79,7 @@ class ImageFolderSource:
     def __init__(self, d, seed: int, rank: int, world: int, pin_memory: bool = False, gpu_augment: bool = False):
         aug = MultiCropAugmentation(d, photometric_on_device=gpu_augment)
         self.dataset = MultiCropFolder(d.path, aug, seed)
+        self.dataset.timeout = d.timeout_s
         self.prepare = DevicePrepare(d, aug.on_device, aug)
         self.sampler = EpochSampler(len(self.dataset), d.batch_size, rank, world, seed)
         self.named: set[str] = set()  # unreadable files already reported

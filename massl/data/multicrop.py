@@ -51,6 +51,10 @@ def draft_shift(p: CropParams, size: int, f: int, width: int, height: int) -> fl
     return max(dx, dy)
 
 
+class AugmentationError(RuntimeError):
+    """An augmentation of a decoded image failed: never counted as an unreadable image."""
+
+
 def draft_factor(crops: list[CropParams], sizes: list[int], width: int, height: int) -> int:
     """Largest JPEG downscale after which every crop box still spans at least its output size (a
     reduced decode never makes a crop upsample where the full decode would not) and, rounded to
@@ -183,8 +187,11 @@ class MultiCropAugmentation:
         if self.on_device:
             return out, param_rows(crops)
         # augment/cpu.py works on the HWC view of each channels-last crop
-        return [torch.from_numpy(self.photometric(c.permute(1, 2, 0).numpy(), p)).permute(2, 0, 1)
-                for c, p in zip(out, crops)], None
+        try:
+            return [torch.from_numpy(self.photometric(c.permute(1, 2, 0).numpy(), p)).permute(2, 0, 1)
+                    for c, p in zip(out, crops)], None
+        except DECODE_ERRORS as e:  # the image decoded: not an unreadable image, a bug or a bad setting
+            raise AugmentationError(f"photometric augmentation failed ({type(e).__name__}: {e}); check data.aug") from e
 
     def __call__(self, img: Image.Image, rng: random.Random):
         """PIL image (opened, not necessarily decoded) -> (crops, params) as `apply`."""

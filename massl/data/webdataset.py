@@ -27,6 +27,7 @@ from .batch import Batch, DevicePrepare, collate
 from .epoch_plan import block_permutation, epoch_pieces, resume_point, worker_span
 from .files import image_extension
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
+from .watch import reading
 from .shards import MANIFEST_NAME, SHARD_ERRORS, expand_shard_urls, iter_samples, open_tar, read_shard_manifest
 
 
@@ -75,21 +76,30 @@ def shard_counts(urls: list[str], manifest: dict, manifest_path: str) -> list[in
     return [by_name[shard_name(u)] for u in urls]
 
 
-def read_slots(urls: list[str], pieces) -> Iterator[Optional[tuple[str, dict]]]:
-    """The samples of `pieces` in order; None for each sample a damaged shard did not deliver."""
+def read_slots(urls: list[str], pieces, timeout: float = 0.0) -> Iterator[Optional[tuple[str, dict]]]:
+    """The samples of `pieces` in order; None for each sample a damaged shard did not deliver.
+    Each sample's read is bounded by `timeout` seconds (data.timeout_s; 0: unbounded)."""
     gopen = require_webdataset().gopen
     for piece in pieces:
         url, wanted = urls[piece.shard], piece.stop - piece.start
         got, error, stream = 0, None, None
         try:
-            stream = gopen(url, "rb")
-            for sample in iter_samples(open_tar(stream), skip=piece.start):
+            with reading(url, timeout):
+                stream = gopen(url, "rb")
+                samples = iter_samples(open_tar(stream), skip=piece.start)
+            while got < wanted:
+                with reading(url, timeout):
+                    sample = next(samples, None)
+                if sample is None:
+                    break
                 yield sample
                 got += 1
-                if got == wanted:
-                    break
         except SHARD_ERRORS as e:
             error = e
+        except BaseException:  # a timeout, a stop signal, the reader abandoned: not the shard's fault
+            if getattr(stream, "proc", None) is not None:  # a pipe: command: close() would wait for it to end
+                stream.proc.kill()
+            raise
         finally:
             if stream is not None:
                 try:
@@ -202,7 +212,7 @@ class WebDatasetSource:
             return
         k0 = first // size
         pieces = epoch_pieces(self.counts, self.seed, epoch, lo + k0 * size, hi)
-        slots = fill_missing(read_slots(self.urls, pieces), f"epoch {epoch}, rank {self.rank}, worker {worker}")
+        slots = fill_missing(read_slots(self.urls, pieces, self.d.timeout_s), f"epoch {epoch}, rank {self.rank}, worker {worker}")
         pending, warned = [], set()
         for k in range(k0, -(-(hi - lo) // size)):
             block = list(itertools.islice(slots, min(size, hi - lo - k * size)))

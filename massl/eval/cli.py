@@ -18,7 +18,7 @@ from .knn import DEFAULT_KS
 from .linear import DINOV2_LRS
 from .lowshot import DEFAULT_SHOTS
 from .retrieval import DEFAULT_RECALL_KS
-from .run import SGD_ABOVE, evaluate
+from .run import SGD_ABOVE, evaluate, weights_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,11 +126,30 @@ def default_out(checkpoint_dir: str, name: str) -> str:
     return os.path.join(run_dir, "eval", f"{name}-{os.path.basename(checkpoint_dir)}.json")
 
 
+def checked_out(a: argparse.Namespace) -> str:
+    """The JSON result's path (--out, or the default beside the run), its folder created and
+    checked writable before any work: a result is never lost to a path found bad afterwards."""
+    from ..checkpoint.reader import resolve_checkpoint
+
+    suffix = {"random-init": "-random", "pixels": "-pixels"}.get(weights_name(a), "")
+    out = a.out or default_out(os.path.abspath(resolve_checkpoint(a.checkpoint)), a.cmd + suffix)
+    flag = "--out" if a.out else "--out (default)"
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot create the folder of {out!r} ({e.strerror}); pass --out elsewhere") from None
+    if os.path.isdir(out) or not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag}: {out!r} cannot be written (a folder, or no write permission); pass --out elsewhere")
+    return out
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     ours = not dist.is_initialized()  # a process group we start (torchrun, srun) we also end
     try:
         check_args(args)
+        args.out = checked_out(args)
         result = evaluate(args)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
@@ -139,9 +158,7 @@ def main(argv=None) -> None:
             dist.destroy_process_group()
     if result is None:  # not the main rank
         return
-    suffix = {"random-init": "-random", "pixels": "-pixels"}.get(result["weights"], "")
-    out = args.out or default_out(result["checkpoint"], args.cmd + suffix)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    out = args.out
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     skipped = result["skipped_train"] + result["skipped_val"]

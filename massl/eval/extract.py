@@ -23,6 +23,8 @@ from ..logging import log
 from ..progress import format_duration
 from ..signals import ignore_stop_signals
 
+WARN_SKIPPED = 20  # unreadable images named in warnings per extraction and rank (all are counted)
+
 
 def eval_transform(mean, std, size: int, crop_ratio: float = 0.875):
     """PIL RGB image -> normalised float tensor: bicubic resize of the short side to size/crop_ratio,
@@ -99,12 +101,22 @@ class _Batches(torch.utils.data.IterableDataset):
             yield x, labels, torch.arange(lo, hi), ok, failed
 
 
-def check_classes(train_classes: list[str], val_classes: list[str]) -> None:
-    """Every class of --val must be one of --train's (checked before any extraction too)."""
+def check_classes(train_classes: list[str], val_classes: list[str], train_name: str = "--train",
+                  val_name: str = "--val") -> None:
+    """Refuse a val set with classes the train set lacks: before any extraction (hours on ImageNet)."""
     known = set(train_classes)
     unknown = [c for c in val_classes if c not in known]
     if unknown:
-        raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
+        raise ValueError(f"{val_name} has {len(unknown)} class(es) that {train_name} lacks, e.g. {unknown[0]!r}")
+
+
+def unusable(name: str, path: str, feats: Features, total: int) -> str:
+    """Why a set cannot be evaluated ("" when it can): no usable image at all."""
+    if len(feats.labels):
+        return ""
+    why = f"none of its {total} image(s) could be read" if total else "it holds no images"
+    first = f" (first: {feats.skipped[0][1]}: {feats.skipped[0][2]})" if feats.skipped else ""
+    return f"{name} {path!r}: {why}{first}"
 
 
 def align_labels(train_classes: list[str], val: Features) -> None:
@@ -144,9 +156,12 @@ def extract_features(backbone: nn.Module, data, transform, image_size: int, batc
         feats.append(forward(x)[ok.to(device)].cpu())
         labels.append(y[ok])
         index.append(idx[ok])
-        skipped += failed
         for i, name, reason in failed:
-            log.warning(f"massl eval: skipping image {name}: {reason}")
+            if len(skipped) < WARN_SKIPPED:
+                log.warning(f"massl eval: skipping image {name}: {reason}")
+            elif len(skipped) == WARN_SKIPPED:
+                log.warning("massl eval: more unreadable images; they are counted, not named here")
+            skipped.append((i, name, reason))
         done += len(idx)
         if progress and rank == 0 and len(feats) % 20 == 0:
             rate = done / (time.perf_counter() - t0)

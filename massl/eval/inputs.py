@@ -56,7 +56,8 @@ class ImageFolderInput:
         h = hashlib.sha256()
         for p, y in zip(self.paths, self.labels):
             st = os.stat(p)
-            h.update(f"{os.path.relpath(p, self.root)}\0{y}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            # the name as the filesystem has it: a non-UTF-8 name (surrogate escapes) encodes too
+            h.update(os.fsencode(os.path.relpath(p, self.root)) + f"\0{y}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return f"folder:{os.path.abspath(self.root)}:{h.hexdigest()}"
 
     def read(self, lo: int, hi: int) -> Iterator[Sample]:

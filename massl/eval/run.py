@@ -13,7 +13,8 @@ from ..checkpoint.reader import load_teacher_backbone, read_config, resolve_chec
 from ..dist import init_distributed, resolve_device
 from ..logging import setup_logging
 from .cache import cache_key, cache_path, load_cached, save_cached, weights_digest
-from .extract import FeatureSpec, Features, align_labels, check_classes, eval_transform, extract_features
+from .extract import (FeatureSpec, Features, align_labels, check_classes, eval_transform, extract_features,
+                      unusable)
 from .inputs import open_input
 from .knn import knn_classify
 from .linear import linear_probe_accuracy, sgd_probe_accuracy
@@ -52,9 +53,33 @@ def weights_name(a: argparse.Namespace) -> str:
     return "random-init" if a.random_init else "teacher"
 
 
+def open_inputs(a: argparse.Namespace) -> tuple:
+    """--train and --val opened (folders listed, manifests read) and checked before any work: an
+    empty set or a val class that train lacks is refused here, not after hours of extraction."""
+    opened = []
+    for flag, path in (("--train", a.train), ("--val", a.val)):
+        try:
+            data = open_input(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{flag}: {e}") from None
+        if len(data) == 0:
+            raise ValueError(f"{flag}: {path!r} holds no samples; point it at a labelled image folder or shards")
+        opened.append(data)
+    check_classes(opened[0].classes, opened[1].classes)
+    return tuple(opened)
+
+
+def check_usable(a: argparse.Namespace, train: Features, val: Features, inputs: tuple) -> None:
+    """After extraction: a set none of whose images could be read gives no result (not k=0 or 0/0)."""
+    for flag, path, feats, data in (("--train", a.train, train, inputs[0]), ("--val", a.val, val, inputs[1])):
+        why = unusable(flag, path, feats, len(data))
+        if why:
+            raise ValueError(f"{why}; nothing to evaluate")
+
+
 def features_of(data, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env,
                 label: str = "") -> Features | None:
-    """The features of one opened input (open_input) on rank 0 (None on the others): cached, or
+    """The features of one opened input (open_inputs) on rank 0 (None on the others): cached, or
     extracted by all ranks."""
     key_path = cache_path(a.cache, cache_key(digest, data.identity(), settings)) if a.cache else ""
     hit = [load_cached(key_path) if key_path and env.is_main else None]
@@ -95,6 +120,7 @@ def evaluate(a: argparse.Namespace) -> dict | None:
         torch.set_num_threads(a.threads)
     ckpt_dir = os.path.abspath(resolve_checkpoint(a.checkpoint))
     resolve_device(a.device, key="--device")  # an error names the flag, not the training key
+    inputs = open_inputs(a)
     env = init_distributed(a.device)
     setup_logging(env.rank)
     backbone, cfg = load_weights(a, ckpt_dir)
@@ -113,12 +139,11 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     settings = {"image_size": size, "crop_ratio": a.crop_ratio, "mean": list(cfg.data.aug.mean),
                 "std": list(cfg.data.aug.std), "n_last_blocks": spec.n_last_blocks, "avgpool": spec.avgpool}
     digest = ("pixels" if pixels else weights_digest(backbone)) if a.cache else ""
-    train_data, val_data = open_input(a.train), open_input(a.val)
-    check_classes(train_data.classes, val_data.classes)  # before hours of extraction, not after
-    train = features_of(train_data, backbone, digest, settings, spec, a, env, "train")
-    val = features_of(val_data, backbone, digest, settings, spec, a, env, "val")
+    train, val = (features_of(data, backbone, digest, settings, spec, a, env, label)
+                  for data, label in zip(inputs, ("train", "val")))
     if not env.is_main:
         return None
+    check_usable(a, train, val, inputs)
     align_labels(train.classes, val)
     skipped = train.skipped + val.skipped
     return {
