@@ -105,6 +105,8 @@ COMMANDS = {
         (PARSE, "needs the private Slurm above; tests/test_slurm.py submits this job"),
     "scancel --signal=USR1 --batch <jobid>": (SKIP, "a job id of the Slurm above (tests/test_slurm.py)"),
     "scripts/slurm_cluster.sh stop /tmp/slurm": (SKIP, "tests/test_slurm.py"),
+    "PUBLISHED_DIR=/path/to/published OUT=/tmp/gpu bash benchmarks/gpu_check.sh": (SKIP, "needs a CUDA GPU and the "
+        "published code's step benchmark; tests/test_gpu_table.py covers its table on synthetic parts"),
 }
 
 
