@@ -17,7 +17,7 @@ from .checkpoint.resume import check_config, checkpoint_to_resume, start_history
 from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
 from .data import build_data
-from .dist import DistEnv, all_reduce_, barrier, init_distributed, world_of
+from .dist import DistEnv, all_reduce_, barrier, describe_hosts, init_distributed, rank_hosts, world_of
 from .engines import Engine, build_engine
 from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
@@ -244,6 +244,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
              f"{'sharded' if run.memory.sharded else 'replicated'} (memory.sharded={cfg.memory.sharded}), "
              f"{ipe} steps/epoch, steps {step} -> {stop}"
              + (f", resumed from {resumed_from}" if resumed_from else ""))
+    hosts = rank_hosts(env.group)  # where each rank runs, for the log and summary.json
+    log.info(f"massl: ranks on {describe_hosts(hosts)}")
     logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, run.sched.total_iters, step,
                            *model_flops(run))
     window, summary = StepWindow(env.device), {"step": step}
@@ -275,6 +277,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         logger.close()
         run.data.close()
     summary["final_step"] = step
+    summary["hosts"] = hosts
     if env.is_main:
         with open(os.path.join(cfg.run.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

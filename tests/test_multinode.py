@@ -1,0 +1,221 @@
+"""Ranks on two hosts: every launcher across the nodes of scripts/test_cluster.sh.
+
+The cluster (2 "nodes" = network, UTS and mount namespaces named node1 and node2, each with its
+own address, sshd and slurmd; the file system shared as with NFS) is brought up once for this
+module and torn down at its end (also if the test process dies: the script's watchdog). Each
+multi-node run trains the tiny CPU config for a few steps with one process per node (gloo) and
+must log the same losses as a run of the same launcher on one node at the same world size (1e-5
+relative), with its two ranks on two distinct hosts (summary.json's "hosts"). The one-node
+DeepSpeed command of the README runs as written, with neither ssh nor launcher options.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from massl.config import load_config
+from tests.conftest import tiny_overrides
+from tests.distributed import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER = os.path.join(ROOT, "scripts", "test_cluster.sh")
+STEPS = 3
+TIMEOUT_S = 600  # per launch; generous: a loaded 2-core machine
+# In every rank's interpreter (PYTHONPATH reaches all ranks under every launcher): note the host and
+# what the variables under test are there, one file per rank.
+ENV_PROBE = """
+import os, socket
+if os.environ.get("MASSL_TEST_PROBE_DIR") and any(os.environ.get(v) for v in ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")):
+    with open(os.path.join(os.environ["MASSL_TEST_PROBE_DIR"], f"{socket.gethostname()}-{os.getpid()}"), "w") as f:
+        f.write(f"{socket.gethostname()} {os.environ.get('MASSL_TEST_MARK')} {os.environ.get('MY_USER_VARIABLE')}")
+"""
+
+
+def _deepspeed_launcher() -> str:
+    pytest.importorskip("deepspeed")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    if not os.path.isfile(launcher):
+        pytest.skip("the deepspeed launcher script is not installed beside this python")
+    return launcher
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """{"hostfile": PATH, "node1": ADDRESS, ..., "dir": the state directory}; up once, always down."""
+    missing = [c for c in ("unshare", "nsenter", "ip", "sshd", "ssh", "pdsh") if shutil.which(c) is None
+               and not os.path.exists(f"/usr/sbin/{c}")]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"needs root and {', '.join(missing) or 'root'}; install with `apt-get install -y openssh-server "
+                    "pdsh openmpi-bin slurm-wlm munge` (.ci/run does this when it runs as root)")
+    state = str(tmp_path_factory.mktemp("cluster") / "c")
+    env = {**os.environ, "MASSL_TEST_CLUSTER_DIR": state, "MASSL_TEST_CLUSTER_OWNER": str(os.getpid())}
+    try:
+        up = subprocess.run(["bash", CLUSTER, "up", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=180)
+        assert up.returncode == 0, f"the test cluster did not start:\n{up.stdout}"
+        info = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line)
+        yield {**info, "dir": state}
+    finally:
+        subprocess.run(["bash", CLUSTER, "down"], env=env, timeout=120)
+
+
+def _on(node: str, cmd: list[str]) -> list[str]:
+    """`cmd` run inside the cluster's node (same directory and environment)."""
+    return ["bash", CLUSTER, "exec", node] + cmd
+
+
+def _env(cluster: dict | None = None, **extra: str) -> dict:
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("DS_LAUNCHER_ARGS", None)
+    if cluster is not None:
+        env["MASSL_TEST_CLUSTER_DIR"] = cluster["dir"]
+        # DeepSpeed's CPU accelerator (under ssh the remote ranks get only what is exported) and the
+        # cache of its compiled extension, if this machine moves it.
+        env["MASSL_EXPORT"] = " ".join(v for v in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR") if v in env)
+    return {**env, **extra}
+
+
+def _config(digits_dir: str, directory, *extra: str) -> str:
+    cfg = load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), str(directory / "unused"))
+                      + [f"run.max_steps={STEPS}", *extra])
+    path = str(directory / "tiny.yaml")
+    with open(path, "w") as f:
+        f.write(cfg.to_yaml())
+    return path
+
+
+def _run(cmd: list[str], env: dict, log: str, cwd: str) -> None:
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
+    assert done.returncode == 0, open(log).read()[-6000:]
+
+
+def _losses(out: str) -> list[float]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), rows
+    return [r["loss"] for r in rows]
+
+
+def _hosts(out: str) -> list[str]:
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)["hosts"]
+
+
+def _same_losses(got: str, want: str) -> None:
+    assert _losses(got) == pytest.approx(_losses(want), rel=1e-5)
+
+
+def _two_node_hostfile(directory) -> str:
+    """One process per node: the world size of the one-node references (2)."""
+    path = directory / "hostfile2"
+    path.write_text("node1 slots=1\nnode2 slots=1\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_reference(digits_dir, tmp_path_factory):
+    """The one-node run of launch/deepspeed.sh (ZeRO-2, 2 processes, hostfile `localhost slots=2`):
+    the output directory and the config."""
+    launcher = _deepspeed_launcher()
+    work = tmp_path_factory.mktemp("ds_reference")
+    config = _config(digits_dir, work, "engine.zero_stage=2")
+    (work / "hostfile").write_text("localhost slots=2\n")
+    out = str(work / "run")
+    _run(["bash", "launch/deepspeed.sh", str(work / "hostfile"), config, f"run.output_dir={out}"],
+         _env(DEEPSPEED=launcher), str(work / "log"), ROOT)
+    assert _hosts(out) == [os.uname().nodename] * 2
+    return out, config
+
+
+def test_readme_one_node_deepspeed_command_runs_as_written(digits_dir, tmp_path):
+    """The README's command on a fresh machine: one-host hostfile, no ssh to it, no launcher options."""
+    launcher = _deepspeed_launcher()
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    (tmp_path / "configs").symlink_to(os.path.join(ROOT, "configs"))
+    (tmp_path / "launch").symlink_to(os.path.join(ROOT, "launch"))
+    out = str(tmp_path / "run")
+    # As in the README (its data.path=... part and the tiny model for this 2-core test appended).
+    readme = ("launch/deepspeed.sh hostfile configs/vit_base.yaml engine.zero_stage=3 "
+              "engine.deepspeed_config=configs/deepspeed/zero3.json").split()
+    home = tmp_path / "home"  # no ssh keys, no ~/.deepspeed_env
+    home.mkdir()
+    _run(readme + tiny_overrides(os.path.join(digits_dir, "train"), out) + [f"run.max_steps={STEPS}"],
+         _env(DEEPSPEED=launcher, HOME=str(home)), str(tmp_path / "log"), str(tmp_path))
+    assert len(_losses(out)) == STEPS and len(_hosts(out)) == 2
+
+
+def test_torchrun_on_two_nodes_matches_one_node(cluster, digits_dir, tmp_path):
+    config = _config(digits_dir, tmp_path, "engine.name=ddp")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run(["bash", "launch/torchrun.sh", "2", config, f"run.output_dir={one}"],
+         _env(MASTER_PORT=str(free_port())), str(tmp_path / "one.log"), ROOT)
+    env = _env(cluster, NNODES="2", MASTER_ADDR="node1", MASTER_PORT="29400", RDZV_ID="torchrun-test")
+    procs = []
+    for node in ("node1", "node2"):  # the same command on every node
+        log = open(str(tmp_path / f"{node}.log"), "w")
+        procs.append((subprocess.Popen(_on(node, ["bash", "launch/torchrun.sh", "1", config, f"run.output_dir={two}"]),
+                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        try:
+            proc.wait(timeout=TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        assert proc.returncode == 0, open(log.name).read()[-6000:]
+    assert sorted(_hosts(two)) == ["node1", "node2"]
+    _same_losses(two, one)
+
+
+def test_deepspeed_pdsh_on_two_nodes_matches_one_node_and_passes_the_environment(cluster, deepspeed_reference,
+                                                                                   tmp_path):
+    """DeepSpeed's default (pdsh) runner over ssh to both nodes, ZeRO-2; MASSL_* and a variable named
+    in MASSL_EXPORT reach the rank on node2, whose environment otherwise comes from sshd."""
+    reference, config = deepspeed_reference
+    hook, probes = tmp_path / "hook", tmp_path / "probes"
+    hook.mkdir()
+    probes.mkdir()
+    (hook / "sitecustomize.py").write_text(ENV_PROBE)
+    out = str(tmp_path / "run")
+    env = _env(cluster, DEEPSPEED=_deepspeed_launcher(), PYTHONPATH=f"{hook}:{ROOT}",
+               MASSL_TEST_PROBE_DIR=str(probes), MASSL_TEST_MARK="mark", MY_USER_VARIABLE="user")
+    env["MASSL_EXPORT"] += " MY_USER_VARIABLE"
+    _run(_on("node1", ["bash", "launch/deepspeed.sh", _two_node_hostfile(tmp_path), config, f"run.output_dir={out}"]),
+         env, str(tmp_path / "log"), ROOT)
+    assert _hosts(out) == ["node1", "node2"]
+    _same_losses(out, reference)
+    seen = sorted(p.read_text() for p in probes.iterdir())
+    assert seen == ["node1 mark user", "node2 mark user"], seen
+
+
+@pytest.mark.parametrize("launcher", ["openmpi", "slurm"])
+def test_deepspeed_mpirun_and_srun_on_two_nodes_match_one_node(cluster, deepspeed_reference, tmp_path, launcher):
+    """`--launcher openmpi` (no MASTER_ADDR from mpirun: launch/deepspeed.sh passes the hostfile's
+    first host) and `--launcher slurm` inside a 2-node allocation (a script, not a module; the
+    address from the first host of SLURM_STEP_NODELIST)."""
+    reference, config = deepspeed_reference
+    out = str(tmp_path / "run")
+    env = _env(cluster, DEEPSPEED=_deepspeed_launcher(), DS_LAUNCHER_ARGS=f"--launcher {launcher}",
+               # Open MPI refuses root unless told; a private test machine
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = ["bash", "launch/deepspeed.sh", _two_node_hostfile(tmp_path), config, f"run.output_dir={out}"]
+    if launcher == "slurm":
+        if "slurm_conf" not in cluster:
+            pytest.skip("needs Slurm in the test cluster (apt-get install -y slurm-wlm munge)")
+        env["SLURM_CONF"] = cluster["slurm_conf"]
+        cmd = ["salloc", "--nodes=2", "--ntasks-per-node=1", "--time=10:00"] + cmd
+    elif shutil.which("ompi_info") is None:
+        pytest.skip("needs Open MPI (apt-get install -y openmpi-bin)")
+    _run(_on("node1", cmd), env, str(tmp_path / "log"), ROOT)
+    assert _hosts(out) == ["node1", "node2"]
+    _same_losses(out, reference)
