@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -84,9 +85,9 @@ def _env(cluster: dict | None = None, **extra: str) -> dict:
     return {**env, **extra}
 
 
-def _config(digits_dir: str, directory, *extra: str) -> str:
+def _config(digits_dir: str, directory, *extra: str, steps: int = STEPS) -> str:
     cfg = load_config(None, tiny_overrides(os.path.join(digits_dir, "train"), str(directory / "unused"))
-                      + [f"run.max_steps={STEPS}", *extra])
+                      + [f"run.max_steps={steps}", *extra])
     path = str(directory / "tiny.yaml")
     with open(path, "w") as f:
         f.write(cfg.to_yaml())
@@ -99,11 +100,12 @@ def _run(cmd: list[str], env: dict, log: str, cwd: str) -> None:
     assert done.returncode == 0, open(log).read()[-6000:]
 
 
-def _losses(out: str) -> list[float]:
+def _losses(out: str, steps: int = STEPS) -> list[float]:
+    """The loss of each step; a step logged again after a resume, its last value."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), rows
-    return [r["loss"] for r in rows]
+        rows = {r["step"]: r["loss"] for r in map(json.loads, f)}
+    assert sorted(rows) == list(range(1, steps + 1)), rows
+    return [rows[s] for s in sorted(rows)]
 
 
 def _hosts(out: str) -> list[str]:
@@ -111,8 +113,8 @@ def _hosts(out: str) -> list[str]:
         return json.load(f)["hosts"]
 
 
-def _same_losses(got: str, want: str) -> None:
-    assert _losses(got) == pytest.approx(_losses(want), rel=1e-5)
+def _same_losses(got: str, want: str, steps: int = STEPS) -> None:
+    assert _losses(got, steps) == pytest.approx(_losses(want, steps), rel=1e-5)
 
 
 def _two_node_hostfile(directory) -> str:
@@ -137,42 +139,64 @@ def deepspeed_reference(digits_dir, tmp_path_factory):
     return out, config
 
 
+def _readme_deepspeed_commands() -> list[str]:
+    """The README's one-node DeepSpeed lines: the hostfile, then launch/deepspeed.sh (continuation joined)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = [line.strip() for line in f.read().replace("\\\n", " ").splitlines()]
+    echo = next(line for line in lines if line.startswith('echo "localhost'))
+    launch = next(line for line in lines if line.startswith("launch/deepspeed.sh hostfile"))
+    return [echo.split("#")[0].strip(), " ".join(launch.split())]
+
+
 def test_readme_one_node_deepspeed_command_runs_as_written(digits_dir, tmp_path):
-    """The README's command on a fresh machine: one-host hostfile, no ssh to it, no launcher options."""
+    """The README's commands on a fresh machine: one-host hostfile, no ssh to it, no launcher options."""
     launcher = _deepspeed_launcher()
-    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    echo, launch = _readme_deepspeed_commands()
+    assert launch.endswith(" data.path=...")
     (tmp_path / "configs").symlink_to(os.path.join(ROOT, "configs"))
     (tmp_path / "launch").symlink_to(os.path.join(ROOT, "launch"))
     out = str(tmp_path / "run")
-    # As in the README (its data.path=... part and the tiny model for this 2-core test appended).
-    readme = ("launch/deepspeed.sh hostfile configs/vit_base.yaml engine.zero_stage=3 "
-              "engine.deepspeed_config=configs/deepspeed/zero3.json").split()
+    # data.path=... and the tiny model for this 2-core test appended to the README's command.
+    tiny = " ".join(tiny_overrides(os.path.join(digits_dir, "train"), out) + [f"run.max_steps={STEPS}"])
     home = tmp_path / "home"  # no ssh keys, no ~/.deepspeed_env
     home.mkdir()
-    _run(readme + tiny_overrides(os.path.join(digits_dir, "train"), out) + [f"run.max_steps={STEPS}"],
+    _run(["bash", "-c", f"{echo} && {launch.removesuffix(' data.path=...')} {tiny}"],
          _env(DEEPSPEED=launcher, HOME=str(home)), str(tmp_path / "log"), str(tmp_path))
     assert len(_losses(out)) == STEPS and len(_hosts(out)) == 2
 
 
-def test_torchrun_on_two_nodes_matches_one_node(cluster, digits_dir, tmp_path):
-    config = _config(digits_dir, tmp_path, "engine.name=ddp")
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    _run(["bash", "launch/torchrun.sh", "2", config, f"run.output_dir={one}"],
-         _env(MASTER_PORT=str(free_port())), str(tmp_path / "one.log"), ROOT)
-    env = _env(cluster, NNODES="2", MASTER_ADDR="node1", MASTER_PORT="29400", RDZV_ID="torchrun-test")
+def _torchrun_on_each_node(env: dict, config: str, out: str, logs) -> list[subprocess.Popen]:
+    """launch/torchrun.sh with NNODES=2, the same command on node1 and node2 (1 process each)."""
+    env = {**env, "NNODES": "2", "MASTER_ADDR": "node1", "MASTER_PORT": "29400", "RDZV_ID": "torchrun-test"}
     procs = []
-    for node in ("node1", "node2"):  # the same command on every node
-        log = open(str(tmp_path / f"{node}.log"), "w")
-        procs.append((subprocess.Popen(_on(node, ["bash", "launch/torchrun.sh", "1", config, f"run.output_dir={two}"]),
-                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-    for proc, log in procs:
+    for node in ("node1", "node2"):
+        with open(str(logs / f"{node}.log"), "a") as log:
+            procs.append(subprocess.Popen(
+                _on(node, ["bash", "launch/torchrun.sh", "1", config, f"run.output_dir={out}"]),
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], logs) -> None:
+    for node, proc in zip(("node1", "node2"), procs):
         try:
             proc.wait(timeout=TIMEOUT_S)
         finally:
             if proc.poll() is None:
                 proc.kill()
-            log.close()
-        assert proc.returncode == 0, open(log.name).read()[-6000:]
+        assert proc.returncode == 0, open(str(logs / f"{node}.log")).read()[-6000:]
+
+
+def _torchrun_one_node(config: str, out: str, log: str) -> None:
+    _run(["bash", "launch/torchrun.sh", "2", config, f"run.output_dir={out}"], _env(MASTER_PORT=str(free_port())),
+         log, ROOT)
+
+
+def test_torchrun_on_two_nodes_matches_one_node(cluster, digits_dir, tmp_path):
+    config = _config(digits_dir, tmp_path, "engine.name=ddp")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _torchrun_one_node(config, one, str(tmp_path / "one.log"))
+    _wait_all(_torchrun_on_each_node(_env(cluster), config, two, tmp_path), tmp_path)
     assert sorted(_hosts(two)) == ["node1", "node2"]
     _same_losses(two, one)
 
@@ -219,3 +243,59 @@ def test_deepspeed_mpirun_and_srun_on_two_nodes_match_one_node(cluster, deepspee
     _run(_on("node1", cmd), env, str(tmp_path / "log"), ROOT)
     assert _hosts(out) == ["node1", "node2"]
     _same_losses(out, reference)
+
+
+# Slows every training step of the ranks down, so that a node can be killed in the middle of a run.
+SLOW_STEPS = """
+import os
+if os.environ.get("MASSL_TEST_STEP_SLEEP") and os.environ.get("RANK"):
+    import time
+    import massl.train as train
+    step = train.train_step
+    def slow_step(*args, **kwargs):
+        time.sleep(float(os.environ["MASSL_TEST_STEP_SLEEP"]))
+        return step(*args, **kwargs)
+    train.train_step = slow_step
+"""
+
+
+def test_a_dead_node_ends_the_run_and_the_same_command_resumes(cluster, digits_dir, tmp_path):
+    """SIGKILL every process of node2 mid-run (torchrun, 2 nodes): node1's rank and agent exit
+    non-zero within 60 s, the newest complete checkpoint is intact, and the same command again
+    resumes from it and logs the losses of an uninterrupted run. Runs last: node2's sshd and slurmd
+    die with it."""
+    from massl.checkpoint import CheckpointManager
+
+    steps = 12
+    config = _config(digits_dir, tmp_path, "engine.name=ddp", "run.checkpoint_every=2", steps=steps)
+    reference, out = str(tmp_path / "reference"), str(tmp_path / "run")
+    _torchrun_one_node(config, reference, str(tmp_path / "reference.log"))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_STEPS)
+    env = _env(cluster, PYTHONPATH=f"{hook}:{ROOT}", MASSL_TEST_STEP_SLEEP="0.5")
+    node1, node2 = _torchrun_on_each_node(env, config, out, tmp_path)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (os.path.exists(os.path.join(out, "metrics.jsonl")) and
+                   len(open(os.path.join(out, "metrics.jsonl")).readlines()) >= 5):
+            assert node1.poll() is None and node2.poll() is None and time.monotonic() < deadline, \
+                open(str(tmp_path / "node1.log")).read()[-6000:]
+            time.sleep(0.2)
+        subprocess.run(["bash", CLUSTER, "kill", "node2"], env=env, check=True, timeout=60)
+        killed = time.monotonic()
+        node1.wait(timeout=60)  # no hang inside a collective
+        assert time.monotonic() - killed < 60 and node1.returncode != 0
+    finally:
+        for proc in (node1, node2):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    newest = CheckpointManager(out, 3).latest_complete()
+    assert newest is not None and int(newest[-9:]) >= 4, newest
+    assert json.load(open(os.path.join(newest, "manifest.json")))  # sealed
+
+    _wait_all(_torchrun_on_each_node(_env(cluster), config, out, tmp_path), tmp_path)  # the same command again
+    assert f"resumed from {newest}" in open(str(tmp_path / "node1.log")).read() + open(str(tmp_path / "node2.log")).read()
+    assert sorted(_hosts(out)) == ["node1", "node2"]
+    _same_losses(out, reference, steps)
