@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -95,9 +96,16 @@ def _config(digits_dir: str, directory, *extra: str, steps: int = STEPS) -> str:
 
 
 def _run(cmd: list[str], env: dict, log: str, cwd: str) -> None:
+    """`cmd` to its end; on a timeout, it and every process it started (its session) are killed."""
     with open(log, "w") as f:
-        done = subprocess.run(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
-    assert done.returncode == 0, open(log).read()[-6000:]
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 0, open(log).read()[-6000:]
 
 
 def _losses(out: str, steps: int = STEPS) -> list[float]:
@@ -243,6 +251,48 @@ def test_deepspeed_mpirun_and_srun_on_two_nodes_match_one_node(cluster, deepspee
     _run(_on("node1", cmd), env, str(tmp_path / "log"), ROOT)
     assert _hosts(out) == ["node1", "node2"]
     _same_losses(out, reference)
+
+
+def _slurm_clients(cluster: dict, directory) -> dict:
+    """Environment whose sbatch, scontrol, scancel and squeue talk to the cluster's Slurm (from node1)."""
+    if "slurm_conf" not in cluster:
+        pytest.skip("needs Slurm in the test cluster (apt-get install -y slurm-wlm munge)")
+    bin_dir = directory / "slurm-clients"
+    bin_dir.mkdir()
+    for name in ("sbatch", "scontrol", "scancel", "squeue"):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec bash "{CLUSTER}" exec node1 "{shutil.which(name)}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    env = _env(cluster, SLURM_CONF=cluster["slurm_conf"])
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_sbatch_on_two_nodes_preempted_requeued_resumes_exactly(cluster, digits_dir, tmp_path, engine):
+    """`sbatch --nodes=2 launch/slurm/train.sbatch` (one task per node): USR1, checkpoint on both
+    nodes, requeue, resume; every loss equal to an uninterrupted 2-node job's."""
+    from tests import test_slurm as slurm
+
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    env = _slurm_clients(cluster, tmp_path)
+    config = slurm._write_config(digits_dir, tmp_path, engine)
+    preempted, reference = str(tmp_path / "preempted"), str(tmp_path / "reference")
+    nodes = ("--nodes=2", "--ntasks-per-node=1")
+    job, log = slurm._submit(env, str(tmp_path), config, preempted, *nodes)
+    ref_job, ref_log = slurm._submit(env, str(tmp_path), config, reference, *nodes)
+    slurm._wait("3 logged steps", lambda: len(slurm._metrics(preempted)) >= 3, log)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
+    slurm._wait("the requeued job's completion", slurm._completed(env, job, log), log)
+    slurm._wait("the reference job's completion", slurm._completed(env, ref_job, ref_log), ref_log)
+
+    out = slurm._read(log)
+    assert f"[massl] job {job} restart 1: 2 tasks" in out and "stop signal received" in out, out
+    assert "resumed from" in out, out
+    assert _hosts(preempted) == ["node1", "node2"] == _hosts(reference)
+    got, want = slurm._metrics(preempted), slurm._metrics(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, slurm.MAX_STEPS + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]  # bitwise: fp32 CPU runs reproduce
 
 
 # Slows every training step of the ranks down, so that a node can be killed in the middle of a run.
