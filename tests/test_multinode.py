@@ -125,6 +125,18 @@ def _same_losses(got: str, want: str, steps: int = STEPS) -> None:
     assert _losses(got, steps) == pytest.approx(_losses(want, steps), rel=1e-5)
 
 
+def test_the_cluster_has_two_named_nodes_reaching_each_other_over_ssh(cluster):
+    def on(node: str, *cmd: str) -> str:
+        return subprocess.run(_on(node, list(cmd)), env=_env(cluster), check=True, stdout=subprocess.PIPE,
+                              text=True, timeout=60).stdout.strip()
+
+    assert open(cluster["hostfile"]).read().split() == ["node1", "slots=2", "node2", "slots=2"]
+    assert on("node2", "hostname") == "node2" and on("node1", "pwd") == os.getcwd()
+    assert on("node2", "getent", "hosts", "node1").split()[0] == cluster["node1"]
+    assert on("node1", "ssh", "node2", "hostname -I").split() == [cluster["node2"]]  # sshd, the root key
+    assert cluster["node1"] != cluster["node2"]
+
+
 def _two_node_hostfile(directory) -> str:
     """One process per node: the world size of the one-node references (2)."""
     path = directory / "hostfile2"
