@@ -8,7 +8,7 @@
 # is local: no ssh, rendezvous at 127.0.0.1. Ranks and the rendezvous address: docs/multinode.md.
 # Environment on every node: DeepSpeed's runners pass on only PYTHON*, NCCL* (GPUs) and the KEY=VAL
 # lines of ~/.deepspeed_env and ./.deepspeed_env. This script adds MASSL_*, OMP_NUM_THREADS, GLOO_*,
-# NCCL_*, the variables named in MASSL_EXPORT (e.g. MASSL_EXPORT="HF_HOME WANDB_API_KEY") and, for
+# NCCL_*, PATH, the variables named in MASSL_EXPORT (e.g. MASSL_EXPORT="HF_HOME WANDB_API_KEY") and, for
 # mpirun, MASTER_ADDR/PORT (the first host of HOSTFILE), through a private copy of those files.
 # DeepSpeed's own options (bucket sizes, overlap, ...) go into a JSON file: engine.deepspeed_config=ds.json
 # (configs/deepspeed/zero{1,2,3}.json); massl sets the batch, optimiser, schedules, clipping and precision.
@@ -55,7 +55,9 @@ for f in "$HOME/.deepspeed_env" ./.deepspeed_env; do
 done
 for var in $(compgen -e); do
   case $var in
-    MASSL_*|OMP_NUM_THREADS|GLOO_*|NCCL_*) echo "$var=${!var}" >>"$env_file" ;;
+    # PATH: the tools of this environment on every node (e.g. the venv's ninja, which builds
+    # DeepSpeed's extensions; another ninja rebuilds them from scratch).
+    MASSL_*|OMP_NUM_THREADS|GLOO_*|NCCL_*|PATH) echo "$var=${!var}" >>"$env_file" ;;
   esac
 done
 for var in ${MASSL_EXPORT:-}; do
