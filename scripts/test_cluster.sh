@@ -48,9 +48,9 @@ in_node() {  # in_node nodeK CMD...: CMD in node K's namespaces, in the current 
 # The pids of every process inside node $1's network namespace, its holder included.
 node_pids() {
   local pid ns p
-  pid=$(holder "$1")
-  alive "$pid" || return 0
-  ns=$(readlink "/proc/$pid/ns/net") || return 0
+  # The namespace noted at `up`: found even if the holder was killed (a signal to a process group).
+  ns=$(cat "$dir/$1.netns" 2>/dev/null) || return 0
+  [ -n "$ns" ] && [ "$ns" != "$(readlink /proc/$$/ns/net)" ] || return 0
   for p in /proc/[0-9]*; do
     [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$ns" ] && echo "${p#/proc/}"
   done
@@ -142,17 +142,20 @@ EOF
   seq 1 "$n" | sed 's/^/node/' >"$dir/nodes"
 
   # The switch: a namespace holding the bridge that joins the nodes.
-  unshare --net --uts --mount sleep infinity </dev/null >/dev/null 2>&1 &
+  # setsid: the holders stay out of the caller's process group (and the signals sent to it).
+  setsid unshare --net --uts --mount sleep infinity </dev/null >/dev/null 2>&1 &
   echo $! >"$dir/switch.pid"
   wait_for 5 nsenter -t "$(holder switch)" -n true
+  readlink "/proc/$(holder switch)/ns/net" >"$dir/switch.netns"
   nsenter -t "$(holder switch)" -n sh -c "ip link set lo up && ip link add br0 type bridge && ip link set br0 up"
   mkdir -p /run/sshd  # sshd's privilege separation directory
   for k in $(seq 1 "$n"); do
     # A private mount namespace per node: its own /etc/hosts and ~root/.ssh, all else shared.
-    unshare --net --uts --mount sh -c "mount --bind '$hosts' /etc/hosts && mount --bind '$dir/ssh' '$home/.ssh' \
+    setsid unshare --net --uts --mount sh -c "mount --bind '$hosts' /etc/hosts && mount --bind '$dir/ssh' '$home/.ssh' \
       && hostname node$k && exec sleep infinity" </dev/null >>"$dir/log/node$k.log" 2>&1 &
     echo $! >"$dir/node$k.pid"
     wait_for 5 sh -c "[ \"\$(nsenter -t $! -u hostname)\" = node$k ]" || die "node$k did not start"
+    readlink "/proc/$(holder "node$k")/ns/net" >"$dir/node$k.netns"
     nsenter -t "$(holder switch)" -n ip link add "n$k" type veth peer name eth0 netns "$(holder "node$k")"
     nsenter -t "$(holder switch)" -n sh -c "ip link set n$k master br0 && ip link set n$k up"
     in_node_sh "node$k" "ip link set lo up && ip addr add $net.$k/24 dev eth0 && ip link set eth0 up"
