@@ -17,7 +17,7 @@ massl_descendants() {
 massl_forward() {
   local pid
   for pid in $(massl_descendants "$massl_launcher"); do
-    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q 'massl\.cli'; then
+    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qE 'massl\.cli|massl_train\.py'; then
       kill -s "$1" "$pid" 2>/dev/null || true
     fi
   done

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .errors import UserError
 
 # torch >= 2.12 renamed the tensor collectives; keep working on older releases (the GPU image has 2.11).
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -40,23 +43,64 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "run.device") -> t
 
 
 # Where each launcher puts (rank, world size, local rank), in order of precedence: torchrun and the
-# deepspeed launcher (and what init_distributed exports), Slurm's srun (also `deepspeed --launcher
-# slurm`), Open MPI's mpirun (`deepspeed --launcher openmpi`), MPICH / Intel MPI (PMI).
+# deepspeed launcher (and what init_distributed exports), Open MPI's mpirun (`deepspeed --launcher
+# openmpi`), Slurm's srun (also `deepspeed --launcher slurm`), MPICH / Intel MPI (PMI). mpirun comes
+# before srun: inside an sbatch allocation the processes of an mpirun inherit the batch shell's
+# SLURM_PROCID=0 / SLURM_NTASKS, which are not theirs.
 LAUNCHER_VARIABLES = (
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
 )
+
+
+def _launcher(environ) -> Optional[tuple[str, str, str]]:
+    """The first entry of LAUNCHER_VARIABLES whose world size is set, or None (one process)."""
+    return next((names for names in LAUNCHER_VARIABLES if environ.get(names[1], "") != ""), None)
 
 
 def launcher_ranks(environ=None) -> tuple[int, int, int]:
     """(rank, world size, local rank) from the first launcher whose world size is set; (0, 1, 0) alone."""
     environ = os.environ if environ is None else environ
-    for rank, world, local in LAUNCHER_VARIABLES:
-        if environ.get(world, "") != "":
-            return int(environ.get(rank) or 0), int(environ[world]), int(environ.get(local) or 0)
-    return 0, 1, 0
+    names = _launcher(environ)
+    if names is None:
+        return 0, 1, 0
+    rank, world, local = names
+    return int(environ.get(rank) or 0), int(environ[world]), int(environ.get(local) or 0)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[07-09,12],login1" -> "gpu07"."""
+    entry = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())
+    if entry is None:
+        raise UserError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}; set MASTER_ADDR to rank 0's host")
+    # Each bracket group by its first element; "07-09" -> "07" keeps the zero padding.
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], entry.group(0))
+
+
+def rendezvous_address(environ=None) -> str:
+    """Where rank 0's process group listens (MASTER_ADDR), found in this order of precedence:
+    1. MASTER_ADDR: set by torchrun, DeepSpeed's launcher (pdsh and local runs), launch/deepspeed.sh
+       (for every runner but Slurm's: the hostfile's first host), launch/slurm/train.sbatch, or you;
+    2. ranks from srun: the first host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST);
+    3. ranks from mpirun with every rank on one host, or a single process: 127.0.0.1.
+    mpirun across hosts without MASTER_ADDR is an error: nothing in its environment names rank 0's host.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("MASTER_ADDR"):
+        return environ["MASTER_ADDR"]
+    names = _launcher(environ)
+    if names is not None and names[0] == "SLURM_PROCID":
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or ""
+        if nodelist:
+            return first_host(nodelist)
+    if names is not None and names[0] == "OMPI_COMM_WORLD_RANK":
+        local_size = environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "")
+        if local_size and local_size != environ["OMPI_COMM_WORLD_SIZE"]:
+            raise UserError("MASTER_ADDR: not set, and this mpirun's ranks run on several hosts; pass rank 0's "
+                            "host to every rank (mpirun -x MASTER_ADDR=HOST, as launch/deepspeed.sh does)")
+    return "127.0.0.1"
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
@@ -75,7 +119,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     group = None
     if world > 1:
         if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_ADDR"] = rendezvous_address()
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group(
                 backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,
@@ -245,6 +289,22 @@ def gather_objects(obj, group: Optional[dist.ProcessGroup]) -> list:
     out: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def rank_hosts(group: Optional[dist.ProcessGroup]) -> list[str]:
+    """Every rank's host name, in rank order, on every rank (collective)."""
+    return gather_objects(socket.gethostname(), group)
+
+
+def describe_hosts(hosts: list[str]) -> str:
+    """"node1 (ranks 0-1), node2 (ranks 2-3)": where the ranks run, hosts in order of their first rank."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    def span(rs: list[int]) -> str:
+        contiguous = rs == list(range(rs[0], rs[-1] + 1))
+        return (f"{rs[0]}-{rs[-1]}" if contiguous else ",".join(map(str, rs))) if len(rs) > 1 else str(rs[0])
+    return ", ".join(f"{h} (rank{'s' if len(rs) > 1 else ''} {span(rs)})" for h, rs in ranks.items())
 
 
 # ----------------------------------------------------------------------------- local ranks (tests, benchmarks)

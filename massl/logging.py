@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import resource
+import socket
 import sys
 import time
 
@@ -49,7 +50,8 @@ class _Below(logging.Filter):
 def setup_logging(rank: int = 0, all_ranks: bool = False, quiet: bool = False) -> None:
     """Configure the massl logger for this process (idempotent: replaces its own handlers).
     `quiet`: warnings and errors only."""
-    prefix = "" if rank == 0 else f"[rank {rank}] "
+    # Other ranks' lines name their host too: on several nodes, where a warning came from.
+    prefix = "" if rank == 0 else f"[rank {rank} on {socket.gethostname()}] "
     info = _StdHandler("stdout")
     info.addFilter(_Below(logging.WARNING))
     problems = _StdHandler("stderr")

@@ -18,7 +18,7 @@ from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
 from .data import build_data
 from .data.watch import DataTimeoutError, timeout_message
-from .dist import DistEnv, all_reduce_, barrier, init_distributed, world_of
+from .dist import DistEnv, all_reduce_, barrier, describe_hosts, init_distributed, rank_hosts, world_of
 from .engines import Engine, build_engine, engine_class
 from .errors import UserError
 from .eval.periodic import PeriodicKNN
@@ -286,6 +286,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
                  f"{stop}; raise run.max_steps (the schedules end at {run.sched.total_iters}) to continue")
         release_run_lock(lock)
         return {"step": step, "final_step": step}
+    hosts = rank_hosts(env.group)  # where each rank runs, for the log and summary.json
+    log.info(f"massl: ranks on {describe_hosts(hosts)}")
     logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, stop, step,  # stop: run.max_steps too
                            *model_flops(run))
     window, summary = StepWindow(env.device), {"step": step}
@@ -327,6 +329,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     summary["final_step"] = step
     log.info(f"massl: run {'stopped' if summary.get('stopped_by_signal') else 'finished'} at step {step}"
              f"{'' if summary.get('stopped_by_signal') else f' of {stop}'}; outputs in {cfg.run.output_dir}")
+    summary["hosts"] = hosts
     if env.is_main:
         with open(os.path.join(cfg.run.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

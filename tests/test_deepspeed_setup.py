@@ -13,9 +13,10 @@ import yaml
 import torch
 
 from massl.config import ConfigError, config_from_dict
-from massl.dist import DistEnv, launcher_ranks
+from massl.dist import DistEnv, launcher_ranks, rendezvous_address
 from massl.engines.deepspeed_engine.ds_config import check_built, student_config, teacher_config
 from massl.engines.deepspeed_engine.engine import DeepSpeedEngine
+from massl.errors import UserError
 from tests.distributed import free_port
 from tests.engines_common import read_metrics, tiny_config, write_images
 
@@ -183,9 +184,35 @@ def test_deepspeed_keys_without_deepspeed_are_refused(tmp_path):
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"}, (1, 2, 1)),  # MPICH / Intel MPI
     # torchrun inside a Slurm allocation: the launcher that started this process wins
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (1, 2, 1)),
+    # mpirun inside an sbatch allocation: its ranks inherit the batch shell's SLURM_PROCID/SLURM_NTASKS
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "OMPI_COMM_WORLD_RANK": "3",
+      "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, (3, 4, 1)),
 ])
 def test_launcher_environments_map_to_ranks(environ, expected):
     assert launcher_ranks(environ) == expected
+
+
+SRUN = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[07-09,12],login1"}
+MPIRUN = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, "127.0.0.1"),
+    ({**SRUN, "MASTER_ADDR": "10.1.2.3"}, "10.1.2.3"),  # the launcher's (or the user's) address first
+    (SRUN, "gpu07"),  # srun: the first host of the job's node list, zero padding kept
+    ({**SRUN, "SLURM_STEP_NODELIST": "n[3-4]"}, "n3"),  # the step's list before the job's
+    ({**SRUN, "SLURM_JOB_NODELIST": "rack[2-3]-node[05,01]"}, "rack2-node05"),
+    (MPIRUN, "127.0.0.1"),  # mpirun with every rank on this host
+    # mpirun inside an allocation: not srun's node list (rank 0 runs where mpirun puts it)
+    ({**MPIRUN, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "b[1-2]"}, "127.0.0.1"),
+])
+def test_rendezvous_address_order(environ, expected):
+    assert rendezvous_address(environ) == expected
+
+
+def test_mpirun_across_hosts_without_master_addr_is_a_user_error():
+    with pytest.raises(UserError, match="MASTER_ADDR: .*mpirun -x MASTER_ADDR"):
+        rendezvous_address({**MPIRUN, "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
 
 
 def test_deepspeed_launcher_with_a_hostfile_trains_two_processes(tmp_path):
