@@ -37,9 +37,12 @@ class MemoryBank:
         self.local_size = size // world if sharded else size
         self.offset = rank * self.local_size if sharded else 0
         self.ptr = 0  # global ring position; a host int, so enqueue never syncs with the device
+        if torch.device(device).type == "meta":  # shapes only (the FLOP count, massl/flops.py)
+            self.bank = torch.empty(dim, self.local_size, device=device)
+            return
         # Random normal columns, normalised, from the run seed: identical for every world size.
         g = torch.Generator().manual_seed(seed)
-        full = F.normalize(torch.randn(dim, size, generator=g), dim=0)
+        full = F.normalize(torch.randn(dim, size, generator=g, device="cpu"), dim=0)
         self.bank = full[:, self.offset:self.offset + self.local_size].contiguous().to(device)
 
     @property

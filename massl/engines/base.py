@@ -12,7 +12,7 @@ Contracts:
   caller runs the teacher under `torch.no_grad()` and both under `autocast()`.
 - `backward(loss)`: afterwards every rank's student gradient is the *average* over the
   data-parallel group of the ranks' gradients of their own `loss` (DDP semantics). A loss term
-  that spans the global batch therefore carries a factor of the world size (train.py,
+  that spans the global batch therefore carries a factor of the world size (massl/objective.py,
   `global_term_scale`).
 - `step(lr, wd)`: clip, optimiser step with these hyper-parameters, zero the gradients. Returns
   a dict of device tensors (at least `grad_norm`, the norm before clipping); it never reads a
