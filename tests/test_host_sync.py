@@ -27,6 +27,7 @@ import torch
 
 from massl.config import Config
 from massl.dist import DistEnv
+from massl.models import build_student_teacher
 from massl.opcount import OpCounter
 from massl.optim import build_optimizer, param_groups
 from massl.schedules import Hyper
