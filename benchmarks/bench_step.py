@@ -12,7 +12,7 @@ with a reference measured in the same run: the first setting of the same archite
     python benchmarks/bench_step.py --engines fsdp deepspeed --zero-stage 2 3   # DeepSpeed ZeRO-2 and ZeRO-3 rows
     python benchmarks/bench_step.py --tiny                 # seconds on a CPU: a smoke test of this script
 
-`--count-ops` counts instead the aten operators one step dispatches (massl.opcount: the
+`--count-ops` counts instead the aten operators one step dispatches (massl.testing.opcount: the
 CPU-measurable proxy for kernel launches) and its host syncs, per engine, by default at the
 shapes of the published step's count (ViT-S/16, batch 8, 2x64 + 10x32 px, K=131072, P=16384, fp32
 on the CPU), and runs `../shared/tools/count_published_ops.py` (the published code's step, a
@@ -40,7 +40,7 @@ from massl.dist import DistEnv  # noqa: E402
 from massl.engines import ENGINES  # noqa: E402
 from massl.flops import peak_flops, step_flops_per_image  # noqa: E402
 from massl.logging import peak_memory_gib  # noqa: E402
-from massl.opcount import OpCounter  # noqa: E402
+from massl.testing.opcount import OpCounter  # noqa: E402
 from massl.schedules import Hyper  # noqa: E402
 from massl.train import build_step, train_step  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 On a GPU, a value read back to the host (`.item()`, `bool(t)`, `.cpu()`, an output whose size
 depends on tensor values) stalls the CPU until the device has caught up, so the next kernels are
-launched late. The test counts, with `massl.opcount.OpCounter` (a TorchDispatchMode), what one
+launched late. The test counts, with `massl.testing.opcount.OpCounter` (a TorchDispatchMode), what one
 step of the training loop asks of the dispatcher (`train_step` without the monitor, then the
 loop's per-step bookkeeping `StepWindow.add`) on gloo CPU processes, and requires zero
 host-scalar reads (`aten._local_scalar_dense`, device-to-host copies, `.cpu()` / `.tolist()` /
@@ -28,7 +28,7 @@ import torch
 from massl.config import Config
 from massl.dist import DistEnv
 from massl.models import build_student_teacher
-from massl.opcount import OpCounter
+from massl.testing.opcount import OpCounter
 from massl.optim import build_optimizer, param_groups
 from massl.schedules import Hyper
 from massl.train import StepWindow, build_step, train_step
