@@ -19,6 +19,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from ..dist import gather_rows_to_main, world_of
+from ..errors import UserError
 from ..logging import log
 from ..signals import ignore_stop_signals
 
@@ -104,7 +105,7 @@ def align_labels(train_classes: list[str], val: Features) -> None:
     position = {c: i for i, c in enumerate(train_classes)}
     unknown = [c for c in val.classes if c not in position]
     if unknown:
-        raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
+        raise UserError(f"--val has {len(unknown)} class(es) that --train lacks, e.g. {unknown[0]!r}")
     val.labels = torch.tensor([position[c] for c in val.classes], dtype=torch.long)[val.labels]
     val.classes = list(train_classes)
 
@@ -118,7 +119,7 @@ def extract_features(backbone: nn.Module, data, transform, image_size: int, batc
     device = torch.device(device)
     rank, world = world_of(group)
     if len(data) == 0:
-        raise ValueError("the evaluation input holds no samples")
+        raise UserError("the evaluation input holds no samples")
     ranges = batch_ranges(len(data), batch_size, rank, world)
     loader = torch.utils.data.DataLoader(
         _Batches(data, ranges, transform, image_size), batch_size=None, num_workers=workers,
