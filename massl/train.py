@@ -16,7 +16,7 @@ from .checkpoint import CheckpointManager, read_checkpoint_manifest
 from .checkpoint.resume import check_config, checkpoint_to_resume, start_history
 from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
-from .data import build_data
+from .data import DataSource, build_data
 from .dist import DistEnv, all_reduce_, barrier, init_distributed
 from .engines import Engine, build_engine
 from .eval.periodic import PeriodicKNN
@@ -62,7 +62,7 @@ class Run:
 
     cfg: Config
     env: DistEnv
-    data: object  # a DataSource (massl/data/__init__.py)
+    data: DataSource
     engine: Engine
     objective: MaSSLObjective
     state: TrainerState
