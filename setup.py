@@ -23,7 +23,7 @@ setup(
         # engine.name=deepspeed; install after torch with --no-build-isolation (scripts/setup_env.sh)
         "deepspeed": ["deepspeed==0.19.8"],
         "quickstart": ["scikit-learn>=1.3"],
-        "dev": ["pytest>=7", "scikit-learn>=1.3", "scikit-image>=0.22", "webdataset==1.0.2"],
+        "dev": ["pytest>=7", "mypy==2.4.1", "scikit-learn>=1.3", "scikit-image>=0.22", "webdataset==1.0.2"],
     },
     entry_points={
         "console_scripts": [

@@ -140,8 +140,8 @@ class CheckpointManager:
                     shutil.rmtree(os.path.join(self.root, stale), ignore_errors=True)
             if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
-            for part in parts:
-                os.makedirs(os.path.join(tmp, part))
+            for part_name in parts:
+                os.makedirs(os.path.join(tmp, part_name))
         barrier(self.group)
         for part_name, part in parts.items():
             part.save(os.path.join(tmp, part_name))
