@@ -119,7 +119,7 @@ def _rank(rank, world, cfg):
 
 def run_config(cfg: dict) -> dict:
     """Run one configuration in `cfg['world']` fresh processes; the slowest / largest rank counts."""
-    from massl.dist import run_local_ranks
+    from massl.testing import run_local_ranks
 
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))  # read by glibc when a rank starts
     results = run_local_ranks(_rank, cfg["world"], cfg, backend="nccl" if cfg["device"] == "cuda" else "gloo",

@@ -12,7 +12,7 @@ with a reference measured in the same run: the first setting of the same archite
     python benchmarks/bench_step.py --engines fsdp deepspeed --zero-stage 2 3   # DeepSpeed ZeRO-2 and ZeRO-3 rows
     python benchmarks/bench_step.py --tiny                 # seconds on a CPU: a smoke test of this script
 
-`--count-ops` counts instead the aten operators one step dispatches (massl.opcount: the
+`--count-ops` counts instead the aten operators one step dispatches (massl.testing.opcount: the
 CPU-measurable proxy for kernel launches) and its host syncs, per engine, by default at the
 shapes of the published step's count (ViT-S/16, batch 8, 2x64 + 10x32 px, K=131072, P=16384, fp32
 on the CPU), and runs the published code's op counter (`--published-ops-script`, default
@@ -38,15 +38,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from massl.config import Config  # noqa: E402
 from massl.dist import DistEnv  # noqa: E402
-from massl.engines import ENGINES, build_engine  # noqa: E402
+from massl.engines import ENGINES  # noqa: E402
 from massl.flops import peak_flops, step_flops_per_image  # noqa: E402
 from massl.logging import peak_memory_gib  # noqa: E402
-from massl.memory import MemoryBank  # noqa: E402
-from massl.models import build_student_teacher  # noqa: E402
-from massl.opcount import OpCounter  # noqa: E402
-from massl.train import train_step  # noqa: E402
+from massl.testing.opcount import OpCounter  # noqa: E402
+from massl.schedules import Hyper  # noqa: E402
+from massl.train import build_step, train_step  # noqa: E402
 
-HPARAMS = {"lr": 1e-4, "wd": 0.04, "teacher_momentum": 0.996, "teacher_temp": 0.07}  # fixed: no schedules here
+HPARAMS = Hyper(lr=1e-4, wd=0.04, teacher_momentum=0.996, teacher_temp=0.07)  # fixed: no schedules here
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED_OPS_SCRIPT = os.path.join(ROOT, ".ref", "count_published_ops.py")
 FLOPS_PER_IMAGE: dict = {}  # arch -> model FLOPs per image of one step (massl.flops), counted once
@@ -74,15 +73,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_step(cfg: Config, device: torch.device):
-    """The engine, memory and synthetic crops of one process's step (`train_step(*built, cfg, step, HPARAMS)`)."""
-    torch.manual_seed(0)
-    engine = build_engine(cfg, DistEnv(device=device), *build_student_teacher(cfg))
-    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, device=device)
+def synthetic_step(cfg: Config, device: torch.device):
+    """The engine, objective and synthetic crops of one process's step (`train_step(*built, step, HPARAMS)`),
+    built as a run builds them."""
+    engine, objective = build_step(cfg, DistEnv(device=device))
     g = torch.Generator(device=device).manual_seed(0)
     sizes = [cfg.data.global_crop_size] * 2 + [cfg.data.local_crop_size] * cfg.data.local_crops_number
     crops = [torch.randn(cfg.data.batch_size, 3, s, s, device=device, generator=g) for s in sizes]
-    return engine, memory, crops
+    return engine, objective, crops
 
 
 def measure(args, device: torch.device, arch: str, engine_name: str, ac: str, compile: bool) -> dict:
@@ -95,13 +93,13 @@ def measure(args, device: torch.device, arch: str, engine_name: str, ac: str, co
         torch.cuda.reset_peak_memory_stats(device)
     built = None
     try:
-        built = build_step(cfg, device)
+        built = synthetic_step(cfg, device)
         for step in range(args.warmup):
-            train_step(*built, cfg, step, HPARAMS)
+            train_step(*built, step, HPARAMS)
         synchronize(device)
         start = time.perf_counter()
         for step in range(args.warmup, args.warmup + args.steps):
-            loss = train_step(*built, cfg, step, HPARAMS)["loss"]
+            loss = train_step(*built, step, HPARAMS)["loss"]
         synchronize(device)
         seconds = (time.perf_counter() - start) / args.steps
         if arch not in FLOPS_PER_IMAGE:  # the same for every engine, AC and compile setting
@@ -124,10 +122,10 @@ def count_ops(args, device: torch.device, engine_name: str) -> dict:
     cfg = make_config(args, args.archs[0], engine_name, args.ac[0])
     row = {"engine": engine_name}
     try:
-        built = build_step(cfg, device)
-        train_step(*built, cfg, 0, HPARAMS)
+        built = synthetic_step(cfg, device)
+        train_step(*built, 0, HPARAMS)
         with OpCounter() as counter:
-            train_step(*built, cfg, 1, HPARAMS)
+            train_step(*built, 1, HPARAMS)
         row.update(counter.summary())
     except Exception as e:  # an engine that cannot run here (a missing package) gives an error row
         row.update(error=f"{type(e).__name__}: {e}"[:300])

@@ -16,7 +16,6 @@ import glob
 import hashlib
 import io
 import json
-import logging
 import os
 import random
 import sys
@@ -28,14 +27,13 @@ from typing import Optional
 
 from massl.data.shards import (MANIFEST_NAME, expand_shard_urls, iter_samples, open_tar, read_shard_manifest,
                                shard_manifest)
-from massl.errors import fail
+from massl.errors import UserError, fail
 from massl.fileio import sha256_file, write_json_atomic
-from massl.logging import setup_logging
+from massl.logging import log, setup_logging
 from massl.progress import Progress
 
 from .shard_inputs import class_map, exit_with_parent, list_inputs, load_checked, load_chunk
 
-log = logging.getLogger("massl")
 
 JOURNAL_NAME = ".massl-shard-journal.json"
 BLOCK, RECORD = 512, 10240  # tar block and record sizes: a tar file is a whole number of records
@@ -154,16 +152,16 @@ def start_or_resume(out: str, prefix: str, fingerprint: str, overwrite: bool) ->
                 os.remove(p)
         return fresh
     if os.path.exists(manifest_path):
-        raise FileExistsError(f"--out {out}: already holds a finished set of shards ({MANIFEST_NAME}); a folder holds "
-                              f"one set: write this one to another --out, or pass --overwrite to replace that set")
+        raise UserError(f"--out {out}: already holds a finished set of shards ({MANIFEST_NAME}); a folder holds "
+                        f"one set: write this one to another --out, or pass --overwrite to replace that set")
     if not os.path.exists(journal_path):
         if own_files(out, prefix):
-            raise FileExistsError(f"--out {out}: already holds {prefix}-*.tar files; pass --overwrite to replace them")
+            raise UserError(f"--out {out}: already holds {prefix}-*.tar files; pass --overwrite to replace them")
         return fresh
     with open(journal_path) as f:
         journal = json.load(f)
     if journal.get("fingerprint") != fingerprint:
-        raise ValueError(f"--out {out}: holds an interrupted run with other inputs or options; rerun it with the same "
+        raise UserError(f"--out {out}: holds an interrupted run with other inputs or options; rerun it with the same "
                          f"arguments to resume, or pass --overwrite to start again")
     kept = []
     for s in journal["shards"]:  # keep the prefix of completed shards whose bytes still match
@@ -189,11 +187,11 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
                  overwrite: bool = False, progress: bool = True) -> dict:
     """Write the shards and manifest.json of `source` into `out`; returns the manifest."""
     if maxcount < 1 or maxsize < RECORD:
-        raise ValueError(f"--maxcount {maxcount}, --maxsize {maxsize}: need --maxcount >= 1 and --maxsize >= {RECORD} bytes")
+        raise UserError(f"--maxcount {maxcount}, --maxsize {maxsize}: need --maxcount >= 1 and --maxsize >= {RECORD} bytes")
     if max_side < 0:
-        raise ValueError(f"--max-side {max_side}: must be >= 0 (0: never re-encode)")
+        raise UserError(f"--max-side {max_side}: must be >= 0 (0: never re-encode)")
     if not 1 <= quality <= 100:
-        raise ValueError(f"--quality {quality}: a JPEG quality is in 1..100 (default 90)")
+        raise UserError(f"--quality {quality}: a JPEG quality is in 1..100 (default 90)")
     items = list_inputs(source)
     classes = class_map(items)
     if shuffle:
@@ -298,12 +296,12 @@ def index(urls: list[str], out: str) -> dict:
     paths = [p for u in urls for p in expand_shard_urls(u)]
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(folders) != 1 or os.path.dirname(os.path.abspath(out)) not in folders:
-        raise ValueError(f"index --out {out}: the shards must share one folder, and --out must be a file in it")
+        raise UserError(f"index --out {out}: the shards must share one folder, and --out must be a file in it")
     shards, labels = [], set()
     for p in paths:
         s = scan_shard(p, labels)
         if "error" in s:
-            raise ValueError(f"index: {p}: is damaged ({s['error']}); rewrite or leave out this shard")
+            raise UserError(f"index: {p}: is damaged ({s['error']}); rewrite or leave out this shard")
         shards.append(s)
     # massl-eval names classes by the manifest; shards from another tool carry bare integers
     manifest = shard_manifest(shards, "index", {}, {str(c): c for c in sorted(labels)}, [])
@@ -320,7 +318,7 @@ def main(argv=None) -> int:
     setup_logging()  # --quiet hides the progress bar only: warnings and the summary still print
     try:
         return run(argv)
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
         fail(e)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
         print("error: interrupted (Ctrl-C); run the same command again to continue (finished shards are kept)",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from massl.data.files import FORMAT_EXTENSIONS, scan_image_folder
+from massl.errors import UserError
 
 HEADER_WORDS = ("path", "file", "filename", "image")
 
@@ -51,7 +52,7 @@ def list_file(path: str) -> list[Item]:
         label = r[1].strip() if len(r) > 1 and r[1].strip() else None
         items.append(Item(p if os.path.isabs(p) else os.path.join(base, p), label))
     if not items:
-        raise ValueError(f"SOURCE {path}: lists no images")
+        raise UserError(f"SOURCE {path}: lists no images")
     return items
 
 
@@ -60,7 +61,7 @@ def list_inputs(source: str) -> list[Item]:
         return list_folder(source)
     if os.path.isfile(source):
         return list_file(source)
-    raise FileNotFoundError(f"SOURCE {source!r}: is neither an image folder nor a list file (.txt, .csv)")
+    raise UserError(f"SOURCE {source!r}: is neither an image folder nor a list file (.txt, .csv)")
 
 
 def class_map(items: list[Item]) -> dict[str, int]:

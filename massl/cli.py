@@ -68,7 +68,7 @@ def export_main(argv=None) -> None:
 
     try:
         spec = export_teacher(args.checkpoint, args.out, args.trust_checkpoint)
-    except (OSError, ValueError) as e:
+    except UserError as e:
         _fail(e)
     kw = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     print(f"wrote {args.out}; load with timm.create_model({spec['model_name']!r}, {kw}) "

@@ -6,7 +6,6 @@ Every key is documented in docs/config.md; `massl-train --print-config` shows th
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import re
@@ -16,6 +15,7 @@ from typing import Any, Optional, get_origin, get_type_hints
 import yaml
 
 from .errors import UserError
+from .logging import log
 
 MIN_TEMPERATURE = 0.025
 
@@ -254,12 +254,12 @@ def _merge(obj: Any, data: dict, prefix: str = "", strict: bool = True) -> None:
         key = prefix + str(k)
         if key in RENAMED:
             if strict:  # a user's config; a checkpoint of an older run (strict=False) needs no advice
-                logging.getLogger("massl").warning(f"warning: {key} is now called {RENAMED[key]}; please rename it")
+                log.warning(f"{key} is now called {RENAMED[key]}; please rename it")
             key = RENAMED[key]
             k = key.rsplit(".", 1)[1]
         if k not in names:
             if not strict:
-                logging.getLogger("massl").warning(f"warning: ignoring config key {key!r} unknown to this version of massl")
+                log.warning(f"ignoring config key {key!r} unknown to this version of massl")
                 continue
             raise ConfigError(f"{key}: unknown key; valid keys here are {', '.join(sorted(names))}")
         current = getattr(obj, k)
@@ -401,8 +401,7 @@ def _follow_source_override(cfg: Config, nested_overrides: list[dict]) -> None:
             continue
         for key in keys:
             if not any(key in d for d in data_overrides) and getattr(cfg.data, key) != getattr(DEFAULTS.data, key):
-                logging.getLogger("massl").info(f"massl: data.{key} of the config file is not used: data.source is "
-                                                f"{cfg.data.source}")
+                log.info(f"massl: data.{key} of the config file is not used: data.source is {cfg.data.source}")
                 setattr(cfg.data, key, getattr(DEFAULTS.data, key))
 
 
@@ -620,7 +619,7 @@ def _check_no_effect(cfg: Config, warn: bool) -> None:
     if warn:
         for key, has_effect, why in warnings_:
             if not has_effect and _get(cfg, key) != _get(DEFAULTS, key):
-                logging.getLogger("massl").warning(f"warning: {key} is set ({_get(cfg, key)!r}) but has no effect: {why}")
+                log.warning(f"{key} is set ({_get(cfg, key)!r}) but has no effect: {why}")
 
 
 def _validate_eval(e: EvalConfig, check_paths: bool) -> None:

@@ -11,6 +11,7 @@ import os
 import torch
 
 from .checkpoint.reader import load_backbone_strictly, read_config, read_teacher_backbone, resolve_checkpoint
+from .errors import UserError
 from .fileio import save_safetensors, write_json_atomic
 from .models import backbone_spec, build_backbone
 
@@ -19,9 +20,9 @@ def export_teacher(checkpoint: str, out: str, trust_checkpoint: bool = False) ->
     """Write the teacher backbone of `checkpoint` (a run or checkpoint directory) to `out`;
     `trust_checkpoint`: also read a checkpoint without teacher.safetensors (pickles: can run code)."""
     if not out.endswith((".safetensors", ".pth", ".pt")):
-        raise ValueError(f"--out {out!r}: use a .safetensors, .pth or .pt file name")
+        raise UserError(f"--out {out!r}: use a .safetensors, .pth or .pt file name")
     if os.path.isdir(out):
-        raise ValueError(f"--out {out!r}: is a directory; give a file name in it")
+        raise UserError(f"--out {out!r}: is a directory; give a file name in it")
     ckpt_dir = resolve_checkpoint(checkpoint)
     cfg = read_config(ckpt_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in read_teacher_backbone(ckpt_dir, trust_checkpoint).items()}

@@ -23,8 +23,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
-from .loss import koleo_loss, massl_loss
+from .dist import DistEnv
 from .models import build_student_teacher
+from .objective import MaSSLObjective
 
 # Dense bf16 tensor-core rates (TFLOP/s per device, vendor datasheets, without sparsity), matched
 # in this order against torch.cuda.get_device_name(): the first name contained in it wins.
@@ -57,22 +58,21 @@ def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> Optional[float
 
 
 def step_flops_per_image(cfg: Config) -> float:
-    """Model FLOPs of one training step per image of a rank's batch (module docstring)."""
-    d, m = cfg.data, cfg.memory
+    """Model FLOPs of one training step per image of a rank's batch (module docstring): the run's
+    models and objective (massl/objective.py) built on the meta device, in one process."""
+    d = cfg.data
     batch = d.batch_size
     sizes = [d.global_crop_size] * 2 + [d.local_crop_size] * d.local_crops_number
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+    meta = torch.device("meta")
+    with torch.random.fork_rng(devices=[]), meta:
         student, teacher = build_student_teacher(cfg)
+        objective = MaSSLObjective.from_config(cfg, DistEnv(device=meta))
         crops = [torch.empty(batch, 3, s, s) for s in sizes]
-        memory = torch.empty(cfg.model.head_bottleneck_dim, m.size)
         with FlopCounterMode(display=False) as counter:
             zs = student(crops)
             with torch.no_grad():
                 zt = teacher(crops[:2])
-            loss = massl_loss(zs, zt, memory, torch.arange(m.size), m.partition_size, cfg.loss.student_temp,
-                              cfg.loss.teacher_temp)
-            if cfg.loss.koleo_weight > 0:
-                loss = loss + koleo_loss(zs[0]) + koleo_loss(zs[1])
-            loss.backward()
+            # The permutation changes which slots meet, not the FLOPs; a random one needs a real device.
+            terms = objective.terms(zs, zt, torch.arange(cfg.memory.size), cfg.loss.teacher_temp)
+            terms.objective.backward()
     return counter.get_total_flops() / batch
-

@@ -2,9 +2,9 @@
 
 Every message of massl goes through one logger, `logging.getLogger("massl")` (`log` here):
 information on stdout from the main rank, warnings and errors on stderr from every rank
-(prefixed with the rank); `run.log_all_ranks` shows every rank's information too. The run's
-metrics go to a progress line (through the same logger), TensorBoard and metrics.jsonl, from
-the main rank only. No torch at import: the sharding tool uses the same logger.
+(prefixed with the rank, then the level: `warning: ...`); `run.log_all_ranks` shows every
+rank's information too. The run's metrics go to a progress line (through the same logger),
+TensorBoard and metrics.jsonl, from the main rank only. No torch at import: the sharding tool uses the same logger.
 """
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ class _StdHandler(logging.StreamHandler):
         pass
 
 
+class _LevelFormatter(logging.Formatter):
+    """Warnings and errors carry their level, as the commands' one-line `error: ...`:
+    `warning: <message>` (after the rank prefix); nobody types the prefix by hand."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.level = record.levelname.lower()
+        return super().format(record)
+
+
 class _Below(logging.Filter):
     def __init__(self, level: int):
         super().__init__()
@@ -56,8 +65,8 @@ def setup_logging(rank: int = 0, all_ranks: bool = False, quiet: bool = False) -
     info.addFilter(_Below(logging.WARNING))
     problems = _StdHandler("stderr")
     problems.setLevel(logging.WARNING)
-    for handler in (info, problems):
-        handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    info.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    problems.setFormatter(_LevelFormatter(prefix + "%(level)s: %(message)s"))
     log.handlers = [info, problems]
     log.setLevel(logging.INFO if (rank == 0 or all_ranks) and not quiet else logging.WARNING)
 

@@ -20,7 +20,7 @@ backward sums the ranks' parts (dist.py).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -81,7 +81,9 @@ class _PartitionCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, zs_all, zt_all, memory, part, n_parts, student_temp, teacher_temp, group, chunk):
+    def forward(ctx: Any, zs_all: torch.Tensor, zt_all: torch.Tensor, memory: torch.Tensor, part: torch.Tensor,
+                n_parts: int, student_temp: float, teacher_temp: float, group: Optional[dist.ProcessGroup],
+                chunk: int) -> torch.Tensor:
         V, G, D = zs_all.shape
         onehot = torch.zeros(part.numel(), n_parts + 1, dtype=memory.dtype, device=memory.device)
         onehot.scatter_(1, part[:, None], 1.0)
@@ -109,10 +111,10 @@ class _PartitionCrossEntropy(torch.autograd.Function):
 
         q = zt_all.new_empty(2, G, D)
         for sl in chunks:
-            pt = kept[1] if one_pass else _exp_logits(zt_all[:, sl], memory, teacher_temp)
+            pt = kept[1] if kept is not None else _exp_logits(zt_all[:, sl], memory, teacher_temp)
             q[:, sl] = _scale_by_partition_(pt, inv_t[:, sl], part) @ memory.T
             del pt
-        student_exp = kept[0] if one_pass and ctx.needs_input_grad[0] else None  # kept for the backward
+        student_exp = kept[0] if kept is not None and ctx.needs_input_grad[0] else None  # kept for the backward
         del kept
         cross = ((zs_all * (q[0] + q[1])).sum() - (zs_all[:2] * q).sum()) / student_temp
         if group is not None:
@@ -121,14 +123,14 @@ class _PartitionCrossEntropy(torch.autograd.Function):
         bound_s = zs_all.norm(dim=-1) / student_temp  # [V, G]
         logz_s = bound_s[..., None] + sums_s.log()  # [V, G, N]
         weights = _view_weights(V, zs_all)
-        total = (weights * logz_s.sum((1, 2))).sum() - cross
+        total: torch.Tensor = (weights * logz_s.sum((1, 2))).sum() - cross
 
         ctx.save_for_backward(zs_all, memory, part, inv_s, q)
         ctx.chunks, ctx.student_temp, ctx.student_exp = chunks, student_temp, student_exp
         return total
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         zs_all, memory, part, inv_s, q = ctx.saved_tensors
         grad_zs = torch.empty_like(zs_all)
         for sl in ctx.chunks:
@@ -181,7 +183,7 @@ def massl_loss(
         part = slot_partitions(perm, partition_size)[rank * local:(rank + 1) * local]
         global_batch = zs_all.shape[1]
         chunk = max(1, chunk_rows // V) if chunk_rows > 0 else global_batch
-        total = _PartitionCrossEntropy.apply(
+        total: torch.Tensor = _PartitionCrossEntropy.apply(
             zs_all, zt_all, memory, part, n_parts, student_temp, teacher_temp, group, chunk)
         return total / (n_parts * global_batch * (2 * V - 2))
 
@@ -207,7 +209,9 @@ def koleo_loss(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None, eps: 
 
 
 @torch.no_grad()
-def partition_agreement(zs0, zt1, memory, perm, partition_size, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+def partition_agreement(zs0: torch.Tensor, zt1: torch.Tensor, memory: torch.Tensor, perm: torch.Tensor,
+                        partition_size: int, group: Optional[dist.ProcessGroup] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Monitoring (method.md): top-1/top-5 agreement of the student's partition-0 prediction for
     view 0 with the teacher's argmax for view 1, over the global batch. Returns device scalars."""
     rank, world = world_of(group)

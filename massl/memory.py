@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,9 +37,12 @@ class MemoryBank:
         self.local_size = size // world if sharded else size
         self.offset = rank * self.local_size if sharded else 0
         self.ptr = 0  # global ring position; a host int, so enqueue never syncs with the device
+        if torch.device(device).type == "meta":  # shapes only (the FLOP count, massl/flops.py)
+            self.bank = torch.empty(dim, self.local_size, device=device)
+            return
         # Random normal columns, normalised, from the run seed: identical for every world size.
         g = torch.Generator().manual_seed(seed)
-        full = F.normalize(torch.randn(dim, size, generator=g), dim=0)
+        full = F.normalize(torch.randn(dim, size, generator=g, device="cpu"), dim=0)
         self.bank = full[:, self.offset:self.offset + self.local_size].contiguous().to(device)
 
     @property
@@ -58,11 +61,11 @@ class MemoryBank:
             self.bank[:, start - self.offset:stop - self.offset] = keys[start - self.ptr:stop - self.ptr].T
         self.ptr = (self.ptr + n) % self.size
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """This rank's slots with their global offset (a shard of the global [D, K] array)."""
         return {"bank": self.bank, "ptr": self.ptr, "offset": self.offset, "size": self.size}
 
-    def full_state_dict(self) -> dict:
+    def full_state_dict(self) -> dict[str, Any]:
         """The whole [D, K] ring on every rank (collective when sharded)."""
         bank = self.bank
         if self.sharded:
@@ -98,7 +101,7 @@ class MemoryBank:
                              f"(model.head_bottleneck_dim x memory.size); use the checkpoint's values")
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Accept the global array or a shard covering our slots, saved at any world size."""
         self._check_shape(state["bank"].shape[0], state["size"])
         lo = self.offset - state["offset"]

@@ -13,9 +13,23 @@ step divides by Wu - 1):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .config import Config
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The schedules' values at one step."""
+
+    lr: float
+    wd: float
+    teacher_momentum: float
+    teacher_temp: float
+
+    def as_dict(self) -> dict[str, float]:
+        """For the metrics, under the same names."""
+        return asdict(self)
 
 
 def linspace_at(it: int, length: int, start: float, end: float) -> float:
@@ -76,6 +90,6 @@ class Schedules:
             return linspace_at(it, self.teacher_temp_iters, self.warmup_teacher_temp, self.teacher_temp)
         return self.teacher_temp
 
-    def at(self, it: int) -> dict:
-        return {"lr": self.lr(it), "wd": self.weight_decay(it), "teacher_momentum": self.teacher_momentum(it),
-                "teacher_temp": self.teacher_temperature(it)}
+    def at(self, it: int) -> Hyper:
+        return Hyper(lr=self.lr(it), wd=self.weight_decay(it), teacher_momentum=self.teacher_momentum(it),
+                     teacher_temp=self.teacher_temperature(it))

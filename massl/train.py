@@ -16,21 +16,19 @@ from .checkpoint import CheckpointManager, read_checkpoint_manifest
 from .checkpoint.resume import check_config, checkpoint_to_resume, deepspeed_options, start_history
 from .checkpoint.teacher import TEACHER_PART, TeacherFile
 from .config import Config, ConfigError, validate
-from .data import build_data
+from .data import DataSource, build_data
 from .data.watch import DataTimeoutError, timeout_message
-from .dist import DistEnv, all_reduce_, barrier, describe_hosts, init_distributed, rank_hosts, world_of
+from .dist import DistEnv, all_reduce_, barrier, describe_hosts, init_distributed, rank_hosts
 from .engines import Engine, build_engine, engine_class
 from .errors import UserError
 from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
 from .flops import peak_flops, step_flops_per_image
 from .logging import MetricsLogger, log, peak_memory_gib, setup_logging
-from .loss import koleo_loss, massl_loss, partition_agreement, random_partition_perm
-from .memory import MemoryBank
 from .models import build_student_teacher
-from .scaling import LossShape, resolve_sharded
+from .objective import MaSSLObjective
 from .runlock import acquire_run_lock, release_run_lock
-from .schedules import Schedules
+from .schedules import Hyper, Schedules
 from .signals import StopOnSignal
 from .trainer_state import TrainerState
 
@@ -41,50 +39,24 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def train_step(engine, memory: MemoryBank, crops: list, cfg: Config, step: int, h: dict,
-               group=None, monitor: bool = False) -> dict:
+def train_step(engine: Engine, objective: MaSSLObjective, crops: list[torch.Tensor], step: int, hyper: Hyper,
+               monitor: bool = False) -> dict[str, torch.Tensor]:
     """One MaSSL step (method.md steps 1-9): student on all crops, teacher on the global ones, the
-    loss against the memory *before* this step's update, backward, clip + optimiser + teacher EMA
-    (the engine), then the enqueue of teacher view 1. `h`: the schedules' values at `step`;
-    `group`: the data-parallel group (None in one process).
-    Returns device scalars (no host sync): loss (with KoLeo; this rank's value), grad_norm, and
-    with `monitor` the agreement of method.md and the KoLeo term."""
-    # Sharded memory: the loss spans the global batch. Replicated (published layout): each rank's
-    # loss sees its own batch, the memory still stores every rank's keys.
-    loss_group = group if memory.sharded else None
+    objective against the memory *before* this step's update, backward, clip + optimiser +
+    teacher EMA (the engine), then the enqueue of teacher view 1.
+    Returns device scalars (no host sync): loss (with KoLeo; this rank's value), grad_norm and the
+    engine's other step values, koleo at a KoLeo weight > 0, and with `monitor` the agreement."""
     with engine.autocast():
         zs = engine.student(crops)
         with torch.no_grad():
             zt = engine.teacher(crops[:2])
-    perm = random_partition_perm(cfg.memory.size, cfg.run.seed, step, zs.device)
-    loss = massl_loss(zs, zt, memory.bank, perm, cfg.memory.partition_size, cfg.loss.student_temp,
-                      h["teacher_temp"], group=loss_group, chunk_rows=cfg.memory.chunk_rows)
-    objective = loss * global_term_scale(loss_group)
-    out = {}
-    if cfg.loss.koleo_weight > 0:  # no work at all at weight 0
-        koleo_group = group if cfg.loss.koleo_scope == "global" else None  # local: each rank's batch (published)
-        out["koleo"] = 0.5 * (koleo_loss(zs[0], koleo_group) + koleo_loss(zs[1], koleo_group))
-        loss = loss + cfg.loss.koleo_weight * out["koleo"]
-        objective = objective + cfg.loss.koleo_weight * out["koleo"] * global_term_scale(koleo_group)
-    engine.backward(objective)
-    out.update(engine.step(h["lr"], h["wd"]))
-    applied = engine.step_applied()  # a step skipped on overflow moves neither the teacher nor the memory
-    if applied:
-        engine.update_teacher(h["teacher_momentum"])
-    out["loss"] = loss.detach()
-    if monitor:
-        out["agree_top1"], out["agree_top5"] = partition_agreement(
-            zs[0].detach(), zt[1], memory.bank, perm, cfg.memory.partition_size, loss_group)
-    if applied:
-        memory.enqueue(zt[1])
-    return {k: v.detach() for k, v in out.items()}
-
-
-def global_term_scale(group) -> float:
-    """Engines average gradients over ranks. A term over the global batch (computed with `group`)
-    gives each rank only its slice of the term's gradient, so it is scaled by the world size
-    for the average to be that gradient; a term over the local batch (None) is averaged as is."""
-    return float(world_of(group)[1])
+    terms = objective(zs, zt, step, hyper, monitor)
+    engine.backward(terms.objective)
+    out = engine.step(hyper.lr, hyper.wd)
+    if engine.step_applied():  # a step skipped on overflow moves neither the teacher nor the memory
+        engine.update_teacher(hyper.teacher_momentum)
+        objective.remember(zt[1])
+    return {**{k: v.detach() for k, v in out.items()}, **terms.metrics()}
 
 
 @dataclass
@@ -93,9 +65,9 @@ class Run:
 
     cfg: Config
     env: DistEnv
-    data: object  # a DataSource (massl/data/__init__.py)
+    data: DataSource
     engine: Engine
-    memory: MemoryBank
+    objective: MaSSLObjective
     state: TrainerState
     sched: Schedules
     ckpt: CheckpointManager
@@ -105,21 +77,25 @@ class Run:
     @property
     def parts(self) -> dict:
         """What a checkpoint holds, each part saved and loaded by its owner."""
-        return {"engine": self.engine, "memory": self.memory, "trainer": self.state}
+        return {"engine": self.engine, "memory": self.objective.memory, "trainer": self.state}
+
+
+def build_step(cfg: Config, env: DistEnv) -> tuple[Engine, MaSSLObjective]:
+    """What `train_step` needs, as a run builds it: the engine over a student and teacher
+    initialised from run.seed (identical on every rank), and the objective with its memory."""
+    torch.manual_seed(cfg.run.seed)
+    engine = build_engine(cfg, env, *build_student_teacher(cfg))
+    return engine, MaSSLObjective.from_config(cfg, env)
 
 
 def build_run(cfg: Config, env: DistEnv) -> Run:
     data = build_data(cfg, env.rank, env.world_size, env.device.type)
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    engine = build_engine(cfg, env, *build_student_teacher(cfg))
-    sharded = resolve_sharded(cfg.memory.sharded, LossShape.of_run(cfg, env.world_size))
-    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
-                        sharded=sharded, seed=cfg.run.seed, device=env.device)
+    engine, objective = build_step(cfg, env)
     global_batch = cfg.data.batch_size * env.world_size
     sched = Schedules.from_config(cfg, data.iters_per_epoch, global_batch)
     stop = min(sched.total_iters, cfg.run.max_steps) if cfg.run.max_steps else sched.total_iters
     ckpt = CheckpointManager(cfg.run.output_dir, cfg.run.keep_last, env.is_main, env.group)
-    return Run(cfg, env, data, engine, memory, TrainerState(env, cfg.run.seed), sched, ckpt, global_batch, stop)
+    return Run(cfg, env, data, engine, objective, TrainerState(env, cfg.run.seed), sched, ckpt, global_batch, stop)
 
 
 def resume(run: Run) -> str | None:
@@ -184,9 +160,10 @@ class StepWindow:
                 "decode_fallback_images": int(stats[2].item())}
 
 
-def log_metrics(run: Run, logger: MetricsLogger, window: StepWindow, step: int, h: dict, out: dict) -> dict:
+def log_metrics(run: Run, logger: MetricsLogger, window: StepWindow, step: int, hyper: Hyper,
+                out: dict) -> dict:
     window.check_finite(run)
-    metrics = {**window.reduce(run), **h, "peak_mem_gib": peak_memory_gib(run.env.device),
+    metrics = {**window.reduce(run), **hyper.as_dict(), "peak_mem_gib": peak_memory_gib(run.env.device),
                **{k: v.item() for k, v in out.items() if k != "loss"}}
     logger.log(step, (step - 1) // run.data.iters_per_epoch, metrics, run.global_batch)
     return {"step": step, **metrics}
@@ -278,7 +255,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     step, stop, ipe = run.state.step, run.stop_step, run.data.iters_per_epoch
     log.info(f"massl: engine {run.engine.name}, {env.world_size} rank(s) on {env.device.type}, precision "
              f"{run.engine.precision}, global batch {run.global_batch}, memory "
-             f"{'sharded' if run.memory.sharded else 'replicated'} (memory.sharded={cfg.memory.sharded}), "
+             f"{'sharded' if run.objective.sharded else 'replicated'} (memory.sharded={cfg.memory.sharded}), "
              f"{ipe} steps/epoch, steps {step} -> {stop}"
              + (f", resumed from {resumed_from}" if resumed_from else ""))
     if step >= stop:  # nothing to train: no new log or TensorBoard file
@@ -296,14 +273,14 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         while step < stop:
             epoch, start = divmod(step, ipe)
             for batch in stop_signal.waiting(run.data.epoch(epoch, start)):
-                h = run.sched.at(step)
+                hyper = run.sched.at(step)
                 log_now = (step + 1) % cfg.run.log_every == 0 or step + 1 == stop
                 crops = run.data.prepare(batch, env.device)
-                out = train_step(run.engine, run.memory, crops, cfg, step, h, env.group, monitor=log_now)
+                out = train_step(run.engine, run.objective, crops, step, hyper, monitor=log_now)
                 window.add(step, out, batch.skipped, batch.fallback)
                 step += 1
                 if log_now:
-                    summary = log_metrics(run, logger, window, step, h, out)
+                    summary = log_metrics(run, logger, window, step, hyper, out)
                 if (log_now or step % STOP_POLL_STEPS == 0) and step < stop and stop_signal.agreed():
                     log.info(f"massl: stop signal received; checkpointing at step {step} and exiting")
                     stop = step

@@ -5,4 +5,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
+# The type checker first (mypy.ini: massl/, strict on the method and the engine interface); offline.
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest -q --durations=15 tests "$@"

@@ -4,8 +4,8 @@
 
 Each rank has a process group initialised (dist.group.WORLD), one intra-op thread, and returns
 a picklable value (CPU tensors are fine). A failure in any rank raises with its traceback.
-The implementation is the library's (massl.dist.run_local_ranks), shared with the benchmarks.
+The implementation is massl.testing.run_local_ranks, shared with the benchmarks.
 """
-from massl.dist import free_port, run_local_ranks as run_ranks
+from massl.testing import free_port, run_local_ranks as run_ranks
 
 __all__ = ["free_port", "run_ranks"]

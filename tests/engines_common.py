@@ -10,14 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from massl.scaling import LossShape, resolve_sharded
 from massl.checkpoint import CheckpointManager
 from massl.config import config_from_dict
 from massl.dist import init_distributed
-from massl.engines import build_engine
-from massl.memory import MemoryBank
-from massl.models import build_student_teacher
-from massl.train import train
+from massl.train import build_step, train
 from massl.trainer_state import TrainerState
 
 N_IMAGES = 24  # 3 global batches of 8: five steps cross an epoch boundary
@@ -74,15 +70,14 @@ def step_dir(out: str, step: int) -> str:
 
 
 def build_and_load(cfg_dict, checkpoint):
-    """A fresh engine (initialised from another seed, so only loading can make it right) loaded from `checkpoint`."""
-    cfg = config_from_dict(cfg_dict)
+    """A fresh engine and memory (initialised from another seed, so only loading can make them
+    right) loaded from `checkpoint`."""
+    other_seed = copy.deepcopy(cfg_dict)
+    other_seed["run"]["seed"] = other_seed["run"].get("seed", 0) + 1
+    cfg = config_from_dict(other_seed)
     env = init_distributed(cfg.run.device)
-    torch.manual_seed(cfg.run.seed + 1)
-    student, teacher = build_student_teacher(cfg)
-    engine = build_engine(cfg, env, student, teacher)
-    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
-                        sharded=resolve_sharded(cfg.memory.sharded, LossShape.of_run(cfg, env.world_size)),
-                        seed=cfg.run.seed + 1, device=env.device)
+    engine, objective = build_step(cfg, env)
+    memory = objective.memory
     CheckpointManager.load(checkpoint, {"engine": engine, "memory": memory, "trainer": TrainerState(env, cfg.run.seed)})
     return engine, memory
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from massl.models import build_student_teacher
-from massl.opcount import OpCounter
+from massl.testing.opcount import OpCounter
 from tests.test_host_sync import tiny_config
 
 

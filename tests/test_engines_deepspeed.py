@@ -35,12 +35,11 @@ from safetensors.torch import load_file
 from massl.checkpoint.reader import read_teacher_state_dict
 from massl.config import ConfigError, config_from_dict
 from massl.dist import init_distributed
-from massl.engines import build_engine
 from massl.export import export_teacher
-from massl.memory import MemoryBank
 from massl.models import build_student_teacher
 from massl.optim import clip_grads_
-from massl.train import train, train_step
+from massl.schedules import Hyper
+from massl.train import build_step, train, train_step
 from tests.distributed import run_ranks
 from tests.engines_common import (build_and_load, clip_error, losses, resume_elsewhere, step_dir, teacher_features,
                                   tiny_config, write_images)
@@ -261,10 +260,9 @@ def _overflow_then_normal_step(rank, world, cfg_dicts: list) -> list:
 def _overflow_then_normal_step_of(cfg_dict) -> dict:
     cfg = config_from_dict(cfg_dict)
     env = init_distributed(cfg.run.device)
-    torch.manual_seed(0)
-    engine = build_engine(cfg, env, *build_student_teacher(cfg))
-    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group, device=env.device)
-    h = {"lr": 0.01, "wd": 0.04, "teacher_momentum": 0.9, "teacher_temp": 0.07}
+    engine, objective = build_step(cfg, env)
+    memory = objective.memory
+    h = Hyper(lr=0.01, wd=0.04, teacher_momentum=0.9, teacher_temp=0.07)
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(cfg.data.batch_size, 3, s, s, generator=g) for s in (32, 32, 16, 16)]
 
@@ -278,7 +276,7 @@ def _overflow_then_normal_step_of(cfg_dict) -> dict:
         batch = [c.clone() for c in crops]
         if poison:
             batch[0][0, 0, 0, 0] = float("nan")
-        out = train_step(engine, memory, batch, cfg, step, h, env.group)
+        out = train_step(engine, objective, batch, step, h)
         skipped.append(float(out["skipped_steps"]))
         applied.append(engine.step_applied())
         states.append(snapshot())

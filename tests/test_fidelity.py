@@ -174,13 +174,15 @@ def _koleo_step(rank, world, data, sharded):
     from massl.loss import massl_loss, random_partition_perm
     from massl.memory import MemoryBank
     from massl.models import build_student_teacher
+    from massl.objective import MaSSLObjective
+    from massl.schedules import Hyper
     from massl.train import train_step
 
     cfg = load_config(None, [
         f"data.path={data}", "run.device=cpu", "model.arch=custom", "model.embed_dim=16", "model.depth=1",
         "model.num_heads=2", "model.patch_size=8", "model.drop_path=0", "model.head_hidden_dim=32",
         "model.head_bottleneck_dim=8", "data.global_crop_size=16", "data.local_crop_size=8", "data.batch_size=4",
-        "data.local_crops_number=1", "memory.size=32", "memory.partition_size=8", f"memory.sharded={sharded}",
+        "data.local_crops_number=1", "memory.size=32", "memory.partition_size=8", f"memory.sharded={str(sharded).lower()}",
         "loss.koleo_weight=0.5", "optim.name=sgd", "optim.clip_grad=0", "engine.name=ddp"])
     env = init_distributed("cpu")
     torch.manual_seed(0)
@@ -188,15 +190,16 @@ def _koleo_step(rank, world, data, sharded):
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     engine = build_engine(cfg, env, student, teacher)
     initial = [p.detach().clone() for p in ref_student.parameters()]
-    memory = MemoryBank(8, 32, group=env.group, sharded=sharded, seed=0)
+    objective = MaSSLObjective.from_config(cfg, env)
+    assert objective.sharded == sharded
     full_memory = MemoryBank(8, 32, seed=0).bank.clone()
     captured = []
     engine.student.register_forward_hook(lambda module, args, out: captured.append(out.detach().clone()))
     g = torch.Generator().manual_seed(rank)
     colours = 3 * torch.randn(4, 3, 1, 1, generator=g)  # a colour per image: no near-tie of nearest neighbours
     crops = [colours + torch.randn(4, 3, size, size, generator=g) for size in (16, 16, 8)]
-    h = {"lr": 0.05, "wd": 0.0, "teacher_momentum": 0.9, "teacher_temp": 0.05}
-    koleo = train_step(engine, memory, crops, cfg, 0, h, env.group, monitor=True)["koleo"]
+    h = Hyper(lr=0.05, wd=0.0, teacher_momentum=0.9, teacher_temp=0.05)
+    koleo = train_step(engine, objective, crops, 0, h, monitor=True)["koleo"]
 
     zs = ref_student(crops)
     with torch.no_grad():

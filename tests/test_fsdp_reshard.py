@@ -20,25 +20,20 @@ DEPTH = 2
 
 
 def _steps(rank, world):
-    from massl.engines import build_engine
-    from massl.memory import MemoryBank
-    from massl.models import build_student_teacher
-    from massl.train import train_step
+    from massl.train import build_step, train_step
 
     env = DistEnv(rank=rank, world_size=world, device=torch.device("cpu"), group=torch.distributed.group.WORLD)
     results = {}
     for reshard in (True, False):
         cfg = tiny_config("fsdp", **{"engine.fsdp_reshard_after_forward": reshard})
-        torch.manual_seed(0)
-        engine = build_engine(cfg, env, *build_student_teacher(cfg))
-        memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group, seed=0)
+        engine, objective = build_step(cfg, env)
         g = torch.Generator().manual_seed(rank)
         sizes = [cfg.data.global_crop_size] * 2 + [cfg.data.local_crop_size] * cfg.data.local_crops_number
         losses, gathers = [], []
         for step in range(3):
             crops = [torch.randn(cfg.data.batch_size, 3, s, s, generator=g) for s in sizes]
             with CollectiveCounter() as counter:
-                losses.append(float(train_step(engine, memory, crops, cfg, step, HPARAMS, env.group)["loss"]))
+                losses.append(float(train_step(engine, objective, crops, step, HPARAMS)["loss"]))
             gathers.append(sum(1 for kind, _ in counter.calls if kind == "all_gather"))
         teacher = torch.cat([p.full_tensor().flatten() for p in engine.teacher.parameters()])
         results[reshard] = {"losses": losses, "gathers": gathers[-1], "teacher": teacher.numpy()}

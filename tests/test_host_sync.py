@@ -2,7 +2,7 @@
 
 On a GPU, a value read back to the host (`.item()`, `bool(t)`, `.cpu()`, an output whose size
 depends on tensor values) stalls the CPU until the device has caught up, so the next kernels are
-launched late. The test counts, with `massl.opcount.OpCounter` (a TorchDispatchMode), what one
+launched late. The test counts, with `massl.testing.opcount.OpCounter` (a TorchDispatchMode), what one
 step of the training loop asks of the dispatcher (`train_step` without the monitor, then the
 loop's per-step bookkeeping `StepWindow.add`) on gloo CPU processes, and requires zero
 host-scalar reads (`aten._local_scalar_dense`, device-to-host copies, `.cpu()` / `.tolist()` /
@@ -32,15 +32,14 @@ import torch
 
 from massl.config import Config
 from massl.dist import DistEnv
-from massl.engines import build_engine
-from massl.memory import MemoryBank
 from massl.models import build_student_teacher
-from massl.opcount import OpCounter
+from massl.testing.opcount import OpCounter
 from massl.optim import build_optimizer, param_groups
-from massl.train import StepWindow, train_step
+from massl.schedules import Hyper
+from massl.train import StepWindow, build_step, train_step
 from tests.distributed import run_ranks
 
-HPARAMS = {"lr": 1e-3, "wd": 0.04, "teacher_momentum": 0.99, "teacher_temp": 0.05}
+HPARAMS = Hyper(lr=1e-3, wd=0.04, teacher_momentum=0.99, teacher_temp=0.05)
 
 # Every path a step can take: sharded and replicated memory, both clipping modes, KoLeo over the
 # global and the local batch, a synchronised BatchNorm head, activation checkpointing.
@@ -66,21 +65,18 @@ def tiny_config(engine: str, device: str = "cpu", precision: str = "fp32", **ove
 
 
 def count_loop_step(cfg: Config, env: DistEnv, setup=None, extra=None, steps: int = 2) -> dict:
-    """Build the run's engine and memory, take `steps` steps and count the last one. `setup(engine)`
+    """Build the run's engine and objective, take `steps` steps and count the last one. `setup(engine)`
     runs after building, `extra(out)` inside the counted step after train_step (to plant host reads)."""
-    torch.manual_seed(0)
-    engine = build_engine(cfg, env, *build_student_teacher(cfg))
+    engine, objective = build_step(cfg, env)
     if setup is not None:
         setup(engine)
-    memory = MemoryBank(cfg.model.head_bottleneck_dim, cfg.memory.size, group=env.group,
-                        sharded=cfg.memory.sharded == "true", seed=0, device=env.device)
     g = torch.Generator().manual_seed(env.rank)
     sizes = [cfg.data.global_crop_size] * 2 + [cfg.data.local_crop_size] * cfg.data.local_crops_number
     crops = [torch.randn(cfg.data.batch_size, 3, s, s, generator=g).to(env.device) for s in sizes]
     window = StepWindow(env.device)
     for step in range(steps):
         with OpCounter() as counter:
-            out = train_step(engine, memory, crops, cfg, step, HPARAMS, env.group)
+            out = train_step(engine, objective, crops, step, HPARAMS)
             window.add(step, out, 0)
             if extra is not None:
                 extra(out)

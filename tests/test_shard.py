@@ -13,6 +13,7 @@ from PIL import Image
 
 from data_tools import shard as shard_tool
 from data_tools.shard import main, verify, write_shards
+from massl.errors import UserError
 
 
 def make_folder(root: str, n_per_class: int = 9, size=(40, 30)) -> dict:
@@ -103,13 +104,13 @@ def test_refuses_to_overwrite(folder, tmp_path):
     root, _ = folder
     out = str(tmp_path / "shards")
     write_shards(root, out, maxcount=8, progress=False)
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         write_shards(root, out, maxcount=8, progress=False)
     with pytest.raises(SystemExit) as exited:
         main([root, "--out", out, "--quiet"])
     assert exited.value.code == 2
     os.remove(os.path.join(out, "manifest.json"))  # stray shards without a journal are protected too
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         write_shards(root, out, maxcount=8, progress=False)
     m = write_shards(root, out, maxcount=4, overwrite=True, progress=False)
     assert sorted(f for f in os.listdir(out) if f.endswith(".tar")) == [s["name"] for s in m["shards"]]

@@ -9,11 +9,12 @@ mapped here.
 from __future__ import annotations
 
 import os
+from typing import Any, Mapping
 
 import torch
 
 
-def load_version_1(directory: str, manifest: dict, parts: dict) -> None:
+def load_version_1(directory: str, manifest: dict, parts: Mapping[str, Any]) -> None:
     parts["engine"].load(directory)
     if manifest.get("format", "torch") == "torch":
         state = torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)

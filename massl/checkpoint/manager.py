@@ -23,19 +23,19 @@ by step number only ever meets the current one's checkpoints.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
-from typing import Optional
+from typing import Mapping, Optional
 
 from ..dist import barrier, broadcast_object, gather_objects, world_of
 from ..fileio import fsync_path, sha256_file, write_json_atomic, write_text_atomic
+from ..logging import log
+from .part import CheckpointPart, SavedPart
 
 MANIFEST = "manifest.json"
 VERSION = 2
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
-log = logging.getLogger("massl")
 
 
 def _listing(directory: str) -> dict[str, int]:
@@ -118,7 +118,7 @@ class CheckpointManager:
             ok, reason = is_complete(path)
             if ok:
                 return path
-            log.warning(f"warning: checkpoint {path} is incomplete ({reason}); falling back to an older one")
+            log.warning(f"checkpoint {path} is incomplete ({reason}); falling back to an older one")
         return None
 
     def latest_verified(self) -> Optional[str]:
@@ -127,10 +127,10 @@ class CheckpointManager:
             ok, reason = verify(path, self.group)
             if ok:
                 return path
-            log.warning(f"warning: checkpoint {path} is incomplete or damaged ({reason}); falling back to an older one")
+            log.warning(f"checkpoint {path} is incomplete or damaged ({reason}); falling back to an older one")
         return None
 
-    def save(self, step: int, parts: dict, meta: dict) -> str:
+    def save(self, step: int, parts: Mapping[str, SavedPart], meta: dict) -> str:
         """Collective: every rank calls each part's `save(tmp_dir/<name>)`; rank 0 seals, renames and prunes."""
         name = f"step_{step:09d}"
         tmp, final = os.path.join(self.root, ".tmp-" + name), os.path.join(self.root, name)
@@ -140,8 +140,8 @@ class CheckpointManager:
                     shutil.rmtree(os.path.join(self.root, stale), ignore_errors=True)
             if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
-            for part in parts:
-                os.makedirs(os.path.join(tmp, part))
+            for part_name in parts:
+                os.makedirs(os.path.join(tmp, part_name))
         barrier(self.group)
         for part_name, part in parts.items():
             part.save(os.path.join(tmp, part_name))
@@ -164,7 +164,7 @@ class CheckpointManager:
         return final
 
     @staticmethod
-    def load(directory: str, parts: dict) -> None:
+    def load(directory: str, parts: Mapping[str, CheckpointPart]) -> None:
         """Collective: every part reads its folder of `directory` (any checkpoint version)."""
         manifest = read_checkpoint_manifest(directory)
         if manifest.get("version", 1) < VERSION:

@@ -25,11 +25,11 @@ def resolve_checkpoint(path: str) -> str:
     if os.path.isfile(os.path.join(path, MANIFEST)):
         ok, reason = is_complete(path)
         if not ok:
-            raise ValueError(f"checkpoint {path} is incomplete: {reason}")
+            raise UserError(f"checkpoint {path} is incomplete: {reason}")
         return path
     found = CheckpointManager(path, keep_last=1, is_main=False).latest_complete()
     if found is None:
-        raise FileNotFoundError(f"{path!r} is neither a checkpoint directory nor a run directory with a complete checkpoint")
+        raise UserError(f"{path!r} is neither a checkpoint directory nor a run directory with a complete checkpoint")
     return found
 
 

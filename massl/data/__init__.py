@@ -7,8 +7,29 @@ Nothing heavy is imported here: `massl.data.shards`, `massl.data.epoch_plan` and
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Iterator, Protocol
 
-def build_data(cfg, rank: int, world: int, device_type: str = "cpu"):
+if TYPE_CHECKING:  # only for the annotations: torch and the pipelines stay unimported here
+    import torch
+
+    from ..config import Config
+    from .batch import Batch
+
+
+class DataSource(Protocol):
+    """What the training loop asks of an input pipeline (module docstring)."""
+
+    @property
+    def iters_per_epoch(self) -> int: ...  # the same on every rank
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator["Batch"]: ...
+
+    def prepare(self, batch: "Batch", device: "torch.device") -> list["torch.Tensor"]: ...
+
+    def close(self) -> None: ...
+
+
+def build_data(cfg: "Config", rank: int, world: int, device_type: str = "cpu") -> DataSource:
     d = cfg.data
     pin = device_type == "cuda"
     # auto: photometric ops on the GPU when there is one (the CPU then only decodes and crops)
@@ -25,4 +46,4 @@ def build_data(cfg, rank: int, world: int, device_type: str = "cpu"):
     raise ValueError(f"data.source: unknown source {d.source!r}")
 
 
-__all__ = ["build_data"]
+__all__ = ["DataSource", "build_data"]

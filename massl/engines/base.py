@@ -8,11 +8,13 @@ implements them directly (DeepSpeed), or subclasses the torch-optimizer template
 (torch_optim.py: single, ddp, fsdp).
 
 Contracts:
-- `student(crops)` / `teacher(crops)`: a list of crop batches -> [V, B, D] embeddings; the
-  caller runs the teacher under `torch.no_grad()` and both under `autocast()`.
+- `student(crops)` / `teacher(crops)` (`Embedder`): a list of crop batches -> [V, B, D]
+  embeddings; the caller runs the teacher under `torch.no_grad()` and both under `autocast()`.
+  They may be wrappers that are not modules (DeepSpeed's); `student_module` / `teacher_module`
+  are the plain SSLNet modules underneath (attributes in every engine), for state dicts and hooks.
 - `backward(loss)`: afterwards every rank's student gradient is the *average* over the
   data-parallel group of the ranks' gradients of their own `loss` (DDP semantics). A loss term
-  that spans the global batch therefore carries a factor of the world size (train.py,
+  that spans the global batch therefore carries a factor of the world size (massl/objective.py,
   `global_term_scale`).
 - `step(lr, wd)`: clip, optimiser step with these hyper-parameters, zero the gradients. Returns
   a dict of device tensors (at least `grad_norm`, the norm before clipping); it never reads a
@@ -38,11 +40,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from typing import ContextManager, Protocol
 
 import torch
 import torch.nn as nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Embedder(Protocol):
+    """What `Engine.student` and `Engine.teacher` are: V crop batches [B, 3, H, W] -> [V, B, D]."""
+
+    def __call__(self, crops: list[torch.Tensor]) -> torch.Tensor: ...
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -52,7 +61,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast_context(precision: str, device: torch.device):
+def autocast_context(precision: str, device: torch.device) -> ContextManager[object]:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
@@ -62,8 +71,10 @@ class Engine(abc.ABC):
     name: str
     checkpoint_format: str
     precision: str
-    student: nn.Module
-    teacher: nn.Module
+    student: Embedder
+    teacher: Embedder
+    student_module: nn.Module
+    teacher_module: nn.Module
 
     @classmethod
     def check_config(cls, cfg, env) -> None:
@@ -71,13 +82,13 @@ class Engine(abc.ABC):
         it right after config validation, before any data or model is built."""
 
     @abc.abstractmethod
-    def autocast(self): ...
+    def autocast(self) -> ContextManager[object]: ...
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abc.abstractmethod
-    def step(self, lr: float, wd: float) -> dict: ...
+    def step(self, lr: float, wd: float) -> dict[str, torch.Tensor]: ...
 
     def step_applied(self) -> bool:
         return True
@@ -85,12 +96,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def update_teacher(self, teacher_momentum: float) -> None: ...
 
-    def teacher_backbone(self):
+    def teacher_backbone(self) -> ContextManager[nn.Module]:
         """The teacher's backbone, in place; an engine that shards the teacher overrides this."""
-        return contextlib.nullcontext(self.teacher.backbone)
+        backbone = self.teacher_module.backbone
+        assert isinstance(backbone, nn.Module)
+        return contextlib.nullcontext(backbone)
 
     @abc.abstractmethod
-    def teacher_state_dict(self) -> dict: ...
+    def teacher_state_dict(self) -> dict[str, torch.Tensor]: ...
 
     @abc.abstractmethod
     def save(self, directory: str) -> None: ...

@@ -24,6 +24,3 @@ class DDPEngine(TorchOptimizerEngine):
         # after the all-reduce; also saves one gradient-sized buffer.
         return DistributedDataParallel(student, device_ids=device_ids, process_group=process_group(self.env),
                                        gradient_as_bucket_view=True), teacher
-
-    def student_module(self) -> nn.Module:
-        return self.student.module

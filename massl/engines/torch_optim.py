@@ -1,7 +1,7 @@
 """The template of engines built on a plain torch optimizer, and the `single` engine.
 
 Construction, in one place and a fixed order: wrap student and teacher (wrapping.py:
-synchronised BatchNorm, activation checkpointing, compile, then the subclass's `parallelize`),
+synchronised BatchNorm, activation checkpointing, compile), then the subclass's `parallelize`,
 then build the optimiser from the wrapped student's parameters (FSDP2 replaces them with
 sharded ones) and, for fp16, the loss scaler. A step: unscale, clip, optimiser step, zero the
 gradients; the teacher EMA is its own call. Subclasses choose the parallel wrapper and which
@@ -35,12 +35,17 @@ def read_teacher_state_dict(directory: str) -> dict:
 class TorchOptimizerEngine(Engine):
     checkpoint_format = "torch"
     grad_group = None  # the group over which gradient shards are reduced for norms (FSDP)
+    student: nn.Module
+    teacher: nn.Module
 
     def __init__(self, cfg: Config, env: DistEnv, student: nn.Module, teacher: nn.Module):
         self.cfg, self.env = cfg, env
         self.precision = resolve_precision(cfg.run.precision, env.device)
-        self.student, self.teacher = wrap_models(student.to(env.device), teacher.to(env.device), cfg.engine,
-                                                 env.group, self.parallelize)
+        # Steps 1-3 of wrapping.py work in place; the parallel wrapper (DDP keeps the module as
+        # `.module`, fully_shard returns it) goes around the plain modules, kept as *_module.
+        self.student_module, self.teacher_module = wrap_models(student.to(env.device), teacher.to(env.device),
+                                                               cfg.engine, env.group)
+        self.student, self.teacher = self.parallelize(self.student_module, self.teacher_module)
         self.optimizer = build_optimizer(cfg.optim, param_groups(self.student))
         self.scaler = self.make_scaler() if self.precision == "fp16" else None
 
@@ -48,10 +53,6 @@ class TorchOptimizerEngine(Engine):
     def parallelize(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
         """The parallel wrapper, last step of the wrapping (none for one process)."""
         return student, teacher
-
-    def student_module(self) -> nn.Module:
-        """The student without its parallel wrapper, for state dicts."""
-        return self.student
 
     def local_tensors(self, model: nn.Module) -> list[torch.Tensor]:
         """The tensors of `model`'s parameters this rank updates, in parameter order."""
@@ -89,12 +90,12 @@ class TorchOptimizerEngine(Engine):
         ema_update_(self.local_tensors(self.teacher), self.local_tensors(self.student), teacher_momentum)
 
     def state_dict(self) -> dict:
-        return {"student": self.student_module().state_dict(), "teacher": self.teacher.state_dict(),
+        return {"student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.student_module().load_state_dict(state["student"])
+        self.student_module.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"]:

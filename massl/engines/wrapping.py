@@ -11,7 +11,7 @@ or off. The teacher runs without gradients and stores no activations: it gets no
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch.distributed as dist
 import torch.nn as nn
@@ -44,14 +44,24 @@ def compile_blocks(blocks: nn.Sequential) -> None:
         block.compile()
 
 
+def _blocks(model: nn.Module) -> nn.Sequential:
+    """The transformer blocks of an SSLNet's timm backbone."""
+    backbone = cast(nn.Module, model.backbone)
+    return cast(nn.Sequential, backbone.blocks)
+
+
+Parallelize = Callable[[nn.Module, nn.Module], tuple[nn.Module, nn.Module]]
+
+
 def wrap_models(student: nn.Module, teacher: nn.Module, cfg: EngineConfig, group: Optional[dist.ProcessGroup],
-                parallelize: Callable[[nn.Module, nn.Module], tuple[nn.Module, nn.Module]]) -> tuple[nn.Module, nn.Module]:
-    """Apply steps 1-4 above to SSLNet student and teacher; returns what `parallelize` returns."""
+                parallelize: Optional[Parallelize] = None) -> tuple[nn.Module, nn.Module]:
+    """Apply steps 1-3 above to SSLNet student and teacher, in place, then step 4 when
+    `parallelize` is given; returns what `parallelize` returns (else the modules themselves)."""
     if world_of(group)[1] > 1:
         convert_sync_batchnorm(student, group)
         convert_sync_batchnorm(teacher, group)
-    apply_activation_checkpointing(student.backbone.blocks, cfg.activation_checkpointing, cfg.ac_every)
+    apply_activation_checkpointing(_blocks(student), cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
-        compile_blocks(student.backbone.blocks)
-        compile_blocks(teacher.backbone.blocks)
-    return parallelize(student, teacher)
+        compile_blocks(_blocks(student))
+        compile_blocks(_blocks(teacher))
+    return parallelize(student, teacher) if parallelize is not None else (student, teacher)

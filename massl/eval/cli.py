@@ -13,6 +13,7 @@ import os
 import torch.distributed as dist
 
 from ..cli import TRUST_HELP
+from ..errors import UserError
 from ..errors import fail as _fail
 from .knn import DEFAULT_KS
 from .linear import DINOV2_LRS
@@ -90,10 +91,10 @@ def check_args(a: argparse.Namespace) -> None:
     a.random_init = a.random_init or a.weights == "random-init"
     for flag, value, ok, want in rules:
         if not ok:
-            raise ValueError(f"{flag}: must be {want}, got {value}")
+            raise UserError(f"{flag}: must be {want}, got {value}")
     for flag, path in (("--train", a.train), ("--val", a.val)):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{flag}: {path!r} does not exist (a labelled image folder or massl-shard shards)")
+            raise UserError(f"{flag}: {path!r} does not exist (a labelled image folder or massl-shard shards)")
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
         check_args(args)
         args.out = checked_out(args)
         result = evaluate(args)
-    except (FileNotFoundError, ValueError) as e:
+    except UserError as e:
         _fail(str(e))
     finally:
         if ours and dist.is_initialized():

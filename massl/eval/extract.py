@@ -19,6 +19,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 from ..dist import gather_rows_to_main, world_of
+from ..errors import UserError
 from ..logging import log
 from ..progress import format_duration
 from ..signals import ignore_stop_signals
@@ -139,7 +140,7 @@ def extract_features(backbone: nn.Module, data, transform, image_size: int, batc
     device = torch.device(device)
     rank, world = world_of(group)
     if len(data) == 0:
-        raise ValueError("the evaluation input holds no samples")
+        raise UserError("the evaluation input holds no samples")
     ranges = batch_ranges(len(data), batch_size, rank, world)
     loader = torch.utils.data.DataLoader(
         _Batches(data, ranges, transform, image_size), batch_size=None, num_workers=workers,

@@ -20,6 +20,7 @@ from PIL import Image
 from ..data.files import image_extension, scan_image_folder
 from ..data.multicrop import DECODE_ERRORS
 from ..data.shards import MANIFEST_NAME, SHARD_ERRORS, iter_samples, open_tar, read_shard_manifest
+from ..errors import UserError
 from ..image import to_rgb, upright
 
 
@@ -46,7 +47,7 @@ class ImageFolderInput:
         self.root = root
         self.paths, self.labels, self.classes = scan_image_folder(root)
         if min(self.labels) < 0:
-            raise ValueError(f"{root!r} has images outside class sub-folders; evaluation needs labelled folders")
+            raise UserError(f"{root!r} has images outside class sub-folders; evaluation needs labelled folders")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,7 +82,7 @@ class ShardInput:
         self.counts = [int(s["samples"]) for s in manifest["shards"]]
         by_index = {int(i): name for name, i in manifest.get("classes", {}).items()}
         if not by_index:
-            raise ValueError(f"{self.manifest_path}: the shards have no labels (manifest 'classes' is empty); "
+            raise UserError(f"{self.manifest_path}: the shards have no labels (manifest 'classes' is empty); "
                              f"write them from class sub-folders or a list with labels")
         # labels are positions in `classes`, sorted by the class index massl-shard wrote
         self.classes = [by_index[i] for i in sorted(by_index)]
@@ -140,5 +141,5 @@ def open_input(path: str):
     if os.path.isfile(path) or os.path.isfile(os.path.join(path, MANIFEST_NAME)):
         return ShardInput(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} is neither an image folder nor massl-shard shards (manifest.json)")
+        raise UserError(f"{path!r} is neither an image folder nor massl-shard shards (manifest.json)")
     return ImageFolderInput(path)

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 
 
@@ -96,7 +98,7 @@ def sgd_probe_accuracy(train_feats, train_labels, test_feats, test_labels, num_c
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     n_held = max(1, int(round(n * holdout)))
     if n_held >= n:
-        raise ValueError(f"--holdout {holdout} leaves no training features out of {n}")
+        raise UserError(f"--holdout {holdout} leaves no training features out of {n}")
     held, fit = perm[:n_held], perm[n_held:]
     with torch.enable_grad():
         w, b = train_sgd_probes(train_feats[fit], train_labels[fit], num_classes, lrs, epochs, batch_size, seed)

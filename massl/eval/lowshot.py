@@ -13,6 +13,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .linear import classifier_accuracy, train_linear_probe
 
 DEFAULT_SHOTS = (1, 2, 5, 13)
@@ -23,7 +24,7 @@ def lowshot_draws(labels: torch.Tensor, num_classes: int, shots: int, draws: int
     by_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
     small = [c for c, rows in enumerate(by_class) if 0 < len(rows) < shots]
     if small:
-        raise ValueError(f"--shots {shots}: class {small[0]} has only {len(by_class[small[0]])} training images")
+        raise UserError(f"--shots {shots}: class {small[0]} has only {len(by_class[small[0]])} training images")
     out = []
     for d in range(draws):
         g = torch.Generator().manual_seed(seed * 1_000_003 + shots * 1009 + d)

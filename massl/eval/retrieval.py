@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 DEFAULT_RECALL_KS = (1, 5, 10)
 
 
@@ -33,7 +35,7 @@ def retrieval_metrics(db_feats, db_labels, query_feats, query_labels, recall_ks=
             hits[j] += relevant[:, :k].any(dim=1).sum().item()
         counted += int(keep.sum())
     if counted == 0:
-        raise ValueError("retrieval: no query has a database image of its class")
+        raise UserError("retrieval: no query has a database image of its class")
     return {"mAP": ap_sum / counted, "recall": [{"k": k, "recall": hits[j].item() / counted}
                                                 for j, k in enumerate(recall_ks)],
             "n_queries": counted, "n_queries_without_match": query_feats.shape[0] - counted}

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ..checkpoint.manager import read_checkpoint_manifest
 from ..checkpoint.reader import load_teacher_backbone, read_config, resolve_checkpoint
 from ..dist import init_distributed, resolve_device
+from ..errors import UserError
 from ..logging import setup_logging
 from .cache import cache_key, cache_path, load_cached, save_cached, weights_digest
 from .extract import (FeatureSpec, Features, align_labels, check_classes, eval_transform, extract_features,
@@ -128,13 +129,13 @@ def evaluate(a: argparse.Namespace) -> dict | None:
     patch, depth = (1, 1) if pixels else (cfg.model.patch_size, len(backbone.blocks))
     size = a.image_size or cfg.data.global_crop_size
     if size % patch:
-        raise ValueError(f"--image-size: {size} is not a multiple of the model's patch size {patch}")
+        raise UserError(f"--image-size: {size} is not a multiple of the model's patch size {patch}")
     spec = FeatureSpec(a.n_last_blocks, a.avgpool) if a.cmd == "linear" else FeatureSpec()
     if spec.n_last_blocks > depth:
-        raise ValueError(f"--n-last-blocks: {spec.n_last_blocks} exceeds the model's {depth} blocks"
-                         + (" (--weights pixels has one feature vector: the pixels)" if pixels else ""))
+        raise UserError(f"--n-last-blocks: {spec.n_last_blocks} exceeds the model's {depth} blocks"
+                        + (" (--weights pixels has one feature vector: the pixels)" if pixels else ""))
     if pixels and spec.avgpool:
-        raise ValueError("--avgpool: --weights pixels has no patch tokens; drop --avgpool")
+        raise UserError("--avgpool: --weights pixels has no patch tokens; drop --avgpool")
     backbone = backbone.to(env.device)
     settings = {"image_size": size, "crop_ratio": a.crop_ratio, "mean": list(cfg.data.aug.mean),
                 "std": list(cfg.data.aug.std), "n_last_blocks": spec.n_last_blocks, "avgpool": spec.avgpool}
