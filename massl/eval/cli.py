@@ -87,7 +87,7 @@ def check_args(a: argparse.Namespace) -> None:
     else:
         rules += [("--recall-k", a.recall_k, min(a.recall_k) >= 1, "integers >= 1")]
     if a.weights == "pixels" and a.random_init:
-        raise ValueError("--random-init: not with --weights pixels; give one of them")
+        raise UserError("--random-init: not with --weights pixels; give one of them")
     a.random_init = a.random_init or a.weights == "random-init"
     for flag, value, ok, want in rules:
         if not ok:
@@ -139,9 +139,9 @@ def checked_out(a: argparse.Namespace) -> str:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"{flag}: cannot create the folder of {out!r} ({e.strerror}); pass --out elsewhere") from None
+        raise UserError(f"{flag}: cannot create the folder of {out!r} ({e.strerror}); pass --out elsewhere") from None
     if os.path.isdir(out) or not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag}: {out!r} cannot be written (a folder, or no write permission); pass --out elsewhere")
+        raise UserError(f"{flag}: {out!r} cannot be written (a folder, or no write permission); pass --out elsewhere")
     return out
 
 

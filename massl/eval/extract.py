@@ -108,7 +108,7 @@ def check_classes(train_classes: list[str], val_classes: list[str], train_name: 
     known = set(train_classes)
     unknown = [c for c in val_classes if c not in known]
     if unknown:
-        raise ValueError(f"{val_name} has {len(unknown)} class(es) that {train_name} lacks, e.g. {unknown[0]!r}")
+        raise UserError(f"{val_name} has {len(unknown)} class(es) that {train_name} lacks, e.g. {unknown[0]!r}")
 
 
 def unusable(name: str, path: str, feats: Features, total: int) -> str:

@@ -62,9 +62,9 @@ def open_inputs(a: argparse.Namespace) -> tuple:
         try:
             data = open_input(path)
         except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"{flag}: {e}") from None
+            raise UserError(f"{flag}: {e}") from None
         if len(data) == 0:
-            raise ValueError(f"{flag}: {path!r} holds no samples; point it at a labelled image folder or shards")
+            raise UserError(f"{flag}: {path!r} holds no samples; point it at a labelled image folder or shards")
         opened.append(data)
     check_classes(opened[0].classes, opened[1].classes)
     return tuple(opened)
@@ -75,7 +75,7 @@ def check_usable(a: argparse.Namespace, train: Features, val: Features, inputs: 
     for flag, path, feats, data in (("--train", a.train, train, inputs[0]), ("--val", a.val, val, inputs[1])):
         why = unusable(flag, path, feats, len(data))
         if why:
-            raise ValueError(f"{why}; nothing to evaluate")
+            raise UserError(f"{why}; nothing to evaluate")
 
 
 def features_of(data, backbone, digest: str, settings: dict, spec: FeatureSpec, a, env,
