@@ -256,3 +256,17 @@ def test_lookups_and_saves_are_collective_over_the_managers_group(tmp_path, monk
     path = ckpt.save(1, parts(1), {})
     assert ckpt.latest_verified() == path
     assert seen == {("barrier", True), ("broadcast_object", True), ("gather_objects", True), ("world_of", True)}
+
+
+def test_layout_history_and_size_only_checkpoints(tmp_path):
+    ckpt = CheckpointManager(str(tmp_path), keep_last=3)
+    assert ckpt.root == os.path.join(str(tmp_path), "checkpoints") and os.path.isdir(ckpt.root)
+    assert CheckpointManager(str(tmp_path), keep_last=3).root == ckpt.root  # an existing folder is fine
+    assert not os.path.exists(CheckpointManager(str(tmp_path / "other"), keep_last=3, is_main=False).root)
+    ckpt.history = "abc"
+    path = ckpt.save(1, parts(1), {"world_size": 2})
+    manifest = json.load(open(os.path.join(path, MANIFEST)))
+    assert manifest["history"] == "abc" and manifest["world_size"] == 2
+    del manifest["sha256"]  # written before checksums: checked by size only
+    open(os.path.join(path, MANIFEST), "w").write(json.dumps(manifest))
+    assert verify(path) == (True, "")
