@@ -149,3 +149,10 @@ def test_full_state_dict_gathers_the_shards(monkeypatch):
     full = banks[1].full_state_dict()
     assert torch.equal(full["bank"], ring) and full["bank"].is_contiguous()
     assert (full["ptr"], full["offset"], full["size"]) == (4, 0, SIZE)
+
+
+def test_defaults_and_device(monkeypatch):
+    assert torch.equal(MemoryBank(DIM, SIZE).bank, MemoryBank(DIM, SIZE, seed=0).bank)
+    monkeypatch.setattr(massl.memory, "world_of", lambda g: (g.rank, g.world) if isinstance(g, FakeGroup) else (0, 1))
+    assert MemoryBank(DIM, SIZE, group=FakeGroup(0, 2)).sharded  # sharded unless told otherwise
+    assert MemoryBank(DIM, SIZE, device="meta").bank.device.type == "meta"
