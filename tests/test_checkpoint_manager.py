@@ -28,9 +28,17 @@ class Part:
         self.loaded = {rel: open(os.path.join(directory, rel), "rb").read() for rel in self.files}
 
 
+class TmpCheck(Part):
+    """Checks that it is written into the checkpoint's temporary folder."""
+
+    def save(self, directory: str) -> None:
+        assert os.path.basename(os.path.dirname(directory)).startswith(".tmp-step_"), directory
+        super().save(directory)
+
+
 def parts(step: int) -> dict:
     return {"engine": Part({"model.bin": bytes([step]) * 100, "sub/optim.bin": b"o" * step}),
-            "trainer": Part({"state.json": json.dumps({"step": step}).encode()})}
+            "trainer": TmpCheck({"state.json": json.dumps({"step": step}).encode()})}
 
 
 def latest(ckpt: CheckpointManager) -> str:
@@ -103,10 +111,13 @@ def test_a_save_that_fails_half_way_leaves_latest_on_the_previous_checkpoint(tmp
     renamed = failure == "directory sync"
     assert_latest_is_sound(ckpt, 1, newest=not renamed)
     assert [s for s, _ in ckpt.step_dirs()] == ([2, 1] if renamed else [1])
+    left = os.listdir(ckpt.root)
+    assert (".tmp-step_000000002" in left) == (not renamed)  # left for the next save to remove
     # the next save clears what the failed one left and seals normally
     ckpt.save(3, parts(3), {})
     assert_latest_is_sound(ckpt, 3)
-    assert not [n for n in os.listdir(ckpt.root) if n.startswith(".tmp-") or n.endswith(".partial")]
+    steps = ["step_000000001", "step_000000002", "step_000000003"] if renamed else ["step_000000001", "step_000000003"]
+    assert sorted(os.listdir(ckpt.root)) == ["latest"] + steps
 
 
 def test_resaving_a_step_replaces_it(tmp_path):
@@ -165,9 +176,13 @@ def test_reasons_name_the_file(tmp_path):
     assert is_complete(path) == (False, "engine/model.bin has 1 bytes, manifest says 100")
     os.remove(model)
     assert is_complete(path) == (False, "engine/model.bin is missing")
+    assert verify(path) == (False, "engine/model.bin is missing")
     ckpt.save(2, parts(2), {})
     path = os.path.join(ckpt.root, "step_000000002")
-    for rel in ("engine/model.bin", "trainer/state.json"):
+    for i, rel in enumerate(("engine/model.bin", "trainer/state.json")):
+        if i == 1:
+            assert verify(path) == (False, "engine/model.bin does not match the sha256 recorded when it was saved: "
+                                           "the file is damaged")
         full = os.path.join(path, rel)
         data = open(full, "rb").read()
         open(full, "wb").write(bytes([data[0] ^ 1]) + data[1:])
@@ -241,3 +256,17 @@ def test_lookups_and_saves_are_collective_over_the_managers_group(tmp_path, monk
     path = ckpt.save(1, parts(1), {})
     assert ckpt.latest_verified() == path
     assert seen == {("barrier", True), ("broadcast_object", True), ("gather_objects", True), ("world_of", True)}
+
+
+def test_layout_history_and_size_only_checkpoints(tmp_path):
+    ckpt = CheckpointManager(str(tmp_path), keep_last=3)
+    assert ckpt.root == os.path.join(str(tmp_path), "checkpoints") and os.path.isdir(ckpt.root)
+    assert CheckpointManager(str(tmp_path), keep_last=3).root == ckpt.root  # an existing folder is fine
+    assert not os.path.exists(CheckpointManager(str(tmp_path / "other"), keep_last=3, is_main=False).root)
+    ckpt.history = "abc"
+    path = ckpt.save(1, parts(1), {"world_size": 2})
+    manifest = json.load(open(os.path.join(path, MANIFEST)))
+    assert manifest["history"] == "abc" and manifest["world_size"] == 2
+    del manifest["sha256"]  # written before checksums: checked by size only
+    open(os.path.join(path, MANIFEST), "w").write(json.dumps(manifest))
+    assert verify(path) == (True, "")

@@ -108,8 +108,21 @@ def test_epoch_pieces_follow_the_shard_order_pass_after_pass():
 
 
 def test_epoch_pieces_rejects_empty_shards():
-    with pytest.raises(ValueError, match="no samples"):
+    with pytest.raises(ValueError, match="^the shards hold no samples$"):
         epoch_pieces([0, 0], 0, 0, 0, 4)
+    assert epoch_pieces([1], 0, 0, 0, 3) == [Piece(0, 0, 1, 0), Piece(0, 0, 1, 1), Piece(0, 0, 1, 2)]
+
+
+@pytest.mark.parametrize("lo,hi,passes", [(72, 87, [5, 6]), (84, 97, [6]), (5, 5, []), (0, 14, [0])])
+def test_epoch_pieces_draws_only_the_passes_its_window_touches(monkeypatch, lo, hi, passes):
+    """A worker's window of a long epoch (many passes) costs the passes it reads, not the epoch."""
+    import massl.data.epoch_plan as plan
+
+    drawn = []
+    real = plan.shard_order
+    monkeypatch.setattr(plan, "shard_order", lambda n, seed, epoch, p: drawn.append(p) or real(n, seed, epoch, p))
+    epoch_pieces([3, 5, 2, 4], 7, 1, lo, hi)  # 14 samples per pass
+    assert drawn == passes
 
 
 @pytest.mark.parametrize("iters,workers", [(7, 3), (6, 2), (2, 4), (5, 1)])

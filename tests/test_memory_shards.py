@@ -17,11 +17,18 @@ from tests.reference import FifoReference
 DIM, SIZE = 3, 12
 
 
+class FakeGroup:
+    """Stands for rank `rank` of a `world`-rank process group (massl.memory's collectives patched)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+
 def bank_of(monkeypatch, rank: int, world: int, sharded: bool = True, size: int = SIZE) -> MemoryBank:
     """Rank `rank`'s bank of a `world`-rank ring; its enqueue receives the already gathered keys."""
-    with monkeypatch.context() as m:
-        m.setattr(massl.memory, "world_of", lambda group: (rank, world))
-        return MemoryBank(DIM, size, sharded=sharded, seed=4)
+    monkeypatch.setattr(massl.memory, "world_of", lambda g: (g.rank, g.world) if isinstance(g, FakeGroup) else (0, 1))
+    monkeypatch.setattr(massl.memory, "gather_rows", lambda x, g: x)
+    return MemoryBank(DIM, size, group=FakeGroup(rank, world), sharded=sharded, seed=4)
 
 
 def keys(n: int, seed: int) -> torch.Tensor:
@@ -51,6 +58,14 @@ def test_replicated_and_single_process_banks_are_whole(monkeypatch):
     assert whole.full_state_dict() == {"bank": whole.bank, "ptr": 0, "offset": 0, "size": SIZE}
 
 
+def test_replicated_ring_is_saved_by_the_main_rank_only(monkeypatch, tmp_path):
+    for rank in (1, 2):
+        bank_of(monkeypatch, rank, 3, sharded=False).save(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    bank_of(monkeypatch, 0, 3, sharded=False).save(str(tmp_path))
+    assert os.listdir(tmp_path) == [f"slots_{0:012d}_{SIZE:012d}.pt"]
+
+
 def test_bad_sizes(monkeypatch):
     with pytest.raises(ValueError, match=r"memory.size \(12\) must be divisible by the world size \(5\)"):
         bank_of(monkeypatch, 0, 5)
@@ -70,10 +85,8 @@ def saved_ring(monkeypatch, tmp_path, world: int, sharded: bool) -> tuple[str, t
         for b in banks:
             b.enqueue(keys(4, step))
         ref.enqueue(keys(4, step))
-    for r, b in enumerate(banks):
-        with monkeypatch.context() as m:
-            m.setattr(massl.memory, "world_of", lambda group, r=r: (r, world))
-            b.save(str(folder))
+    for b in banks:
+        b.save(str(folder))
     return str(folder), ref.memory, ref.ptr
 
 
@@ -124,3 +137,22 @@ def test_load_state_dict_takes_a_covering_shard(monkeypatch):
         bank_of(monkeypatch, 1, 2).load_state_dict({**shard, "bank": whole.bank[:, 6:11]})
     with pytest.raises(ValueError, match="checkpoint memory is"):
         MemoryBank(DIM, 24).load_state_dict(whole.state_dict())
+
+
+def test_full_state_dict_gathers_the_shards(monkeypatch):
+    banks = [bank_of(monkeypatch, r, 3) for r in range(3)]
+    for b in banks:
+        b.enqueue(keys(4, 1))
+    ring = torch.cat([b.bank for b in banks], dim=1)
+    gathered = torch.cat([b.bank.T for b in banks])  # what the all-gather of the [K/W, D] shards returns
+    monkeypatch.setattr(massl.memory, "gather_rows", lambda x, g: gathered if isinstance(g, FakeGroup) else x)
+    full = banks[1].full_state_dict()
+    assert torch.equal(full["bank"], ring) and full["bank"].is_contiguous()
+    assert (full["ptr"], full["offset"], full["size"]) == (4, 0, SIZE)
+
+
+def test_defaults_and_device(monkeypatch):
+    assert torch.equal(MemoryBank(DIM, SIZE).bank, MemoryBank(DIM, SIZE, seed=0).bank)
+    monkeypatch.setattr(massl.memory, "world_of", lambda g: (g.rank, g.world) if isinstance(g, FakeGroup) else (0, 1))
+    assert MemoryBank(DIM, SIZE, group=FakeGroup(0, 2)).sharded  # sharded unless told otherwise
+    assert MemoryBank(DIM, SIZE, device="meta").bank.device.type == "meta"

@@ -174,6 +174,7 @@ def test_build_optimizer_kernels(fused):
     assert bool(adamw.defaults.get("fused")) == fused and bool(adamw.defaults.get("foreach")) == (not fused)
     sgd = build_optimizer(OptimConfig(name="sgd"), param_groups(model), fused=fused)
     assert sgd.defaults["foreach"] is True
+    assert build_optimizer(OptimConfig(name="adamw"), param_groups(model)).defaults["fused"]  # fused by default
 
 
 def test_set_hparams_decays_a_group_without_the_flag():

@@ -47,16 +47,27 @@ def test_config_changes_name_what_a_resume_may_not_change(cfg):
         "optim.lr 0.001 -> 0.002", "optim.teacher_momentum 0.996 -> 0.99"]
     assert config_changes(saved, 2, cfg("optim.lr=0.001", "data.batch_size=8"), 1) == [
         "global batch (data.batch_size x ranks) 8 x 2 -> 8 x 1"]
-    del saved["data"]["batch_size"]  # keys the checkpoint does not record are not compared
-    assert config_changes(saved, 2, cfg("optim.lr=0.001", "data.batch_size=8"), 1) == []
+    del saved["data"]["batch_size"], saved["optim"]["lr"]  # keys the checkpoint does not record are not compared
+    assert config_changes(saved, 2, cfg("optim.lr=0.002", "data.batch_size=8"), 1) == []
 
 
 def test_check_config(cfg, tmp_path):
     ckpt = CheckpointManager(str(tmp_path / "run"), keep_last=3)
     path = save(ckpt, 1, cfg("data.batch_size=8"), world=2)
     check_config(path, cfg("data.batch_size=16", "run.max_steps=5"), 1)
-    with pytest.raises(ConfigError, match=r"trained with other settings: optim.lr .*; a resume may change only"):
-        check_config(path, cfg("data.batch_size=8", "optim.lr=0.5"), 2)
+    with pytest.raises(ConfigError, match=r"trained with other settings: optim.epochs 400 -> 300, optim.lr .*; a "
+                                          r"resume may change only"):
+        check_config(path, cfg("data.batch_size=8", "optim.lr=0.5", "optim.epochs=300"), 2)
+    manifest = os.path.join(path, "manifest.json")
+    data = json.load(open(manifest))
+    del data["world_size"]  # recorded since; one rank before
+    json.dump(data, open(manifest, "w"))
+    check_config(path, cfg("data.batch_size=8"), 1)
+    with pytest.raises(ConfigError, match=r"8 x 1 -> 8 x 2"):
+        check_config(path, cfg("data.batch_size=8"), 2)
+    del data["config"]
+    json.dump(data, open(manifest, "w"))
+    check_config(path, cfg("optim.lr=0.5"), 4)  # no config recorded: nothing to compare
 
 
 def metrics(run: str, steps, tail: str = "") -> None:
@@ -131,3 +142,19 @@ def test_nothing_to_move(cfg, tmp_path):
     fresh = CheckpointManager(str(tmp_path / "fresh"), keep_last=5)
     start_history(str(tmp_path / "fresh"), fresh, os.path.join(other.root, "step_000000007"))  # resumes elsewhere
     assert fresh.history == "h9" and not os.path.exists(str(tmp_path / "fresh" / SUPERSEDED))
+
+
+def test_a_new_run_moves_old_outputs_aside_without_checkpoints(cfg, tmp_path, monkeypatch):
+    """Even with no checkpoint to move; twice in the same second goes to the same folder."""
+    import time
+
+    run = str(tmp_path / "run")
+    fixed = time.gmtime(0)
+    monkeypatch.setattr(time, "gmtime", lambda *a: fixed)
+    for _ in range(2):
+        ckpt = CheckpointManager(run, keep_last=5)
+        metrics(run, [1])
+        start_history(run, ckpt, None)
+        assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
+    assert os.listdir(os.path.join(run, SUPERSEDED)) == ["19700101T000000Z"]
+    assert sorted(os.listdir(aside_of(run))) == ["checkpoints", "metrics.jsonl"]
