@@ -393,7 +393,7 @@ SOURCE_KEYS = {"imagefolder": ("path",), "webdataset": ("urls", "manifest", "sam
 def _follow_source_override(cfg: Config, nested_overrides: list[dict]) -> None:
     """An override of data.source switches a config file's data over: the other source's keys
     that the file set (and no override) are reset, instead of being refused as having no effect."""
-    data_overrides = [n.get("data") for n in nested_overrides if isinstance(n.get("data"), dict)]
+    data_overrides: list[dict] = [n["data"] for n in nested_overrides if isinstance(n.get("data"), dict)]
     if not any("source" in d for d in data_overrides):
         return
     for source, keys in SOURCE_KEYS.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -267,7 +268,8 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     log.info(f"massl: ranks on {describe_hosts(hosts)}")
     logger = MetricsLogger(cfg.run.output_dir, env.is_main, cfg.run.tensorboard, stop, step,  # stop: run.max_steps too
                            *model_flops(run))
-    window, summary = StepWindow(env.device), {"step": step}
+    window = StepWindow(env.device)
+    summary: dict[str, Any] = {"step": step}
     stop_signal = StopOnSignal(env.device, env.group).install()
     try:
         while step < stop:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+import torch.nn as nn
+
+from ..config import Config
+from ..dist import DistEnv
 from .base import Engine
 
 # engine.name -> "module:class"
@@ -30,13 +34,13 @@ def _load(target: str):
     return getattr(importlib.import_module(module), name)
 
 
-def engine_class(name: str) -> type:
+def engine_class(name: str) -> type[Engine]:
     if name not in ENGINES:
         raise ValueError(f"engine.name: {name!r} is not available; use one of {', '.join(ENGINES)}")
     return _load(ENGINES[name])
 
 
-def build_engine(cfg, env, student, teacher) -> Engine:
+def build_engine(cfg: Config, env: DistEnv, student: nn.Module, teacher: nn.Module) -> Engine:
     return engine_class(cfg.engine.name)(cfg, env, student, teacher)
 
 

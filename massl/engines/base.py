@@ -45,6 +45,9 @@ from typing import ContextManager, Protocol
 import torch
 import torch.nn as nn
 
+from ..config import Config
+from ..dist import DistEnv
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -76,8 +79,12 @@ class Engine(abc.ABC):
     student_module: nn.Module
     teacher_module: nn.Module
 
+    @abc.abstractmethod
+    def __init__(self, cfg: Config, env: DistEnv, student: nn.Module, teacher: nn.Module) -> None:
+        """Wrap `student` and `teacher` (the teacher an exact copy) for this engine on `env`."""
+
     @classmethod
-    def check_config(cls, cfg, env) -> None:
+    def check_config(cls, cfg: Config, env: DistEnv) -> None:
         """Checks of the run's config that only this engine knows (ConfigError), cheap: the loop calls
         it right after config validation, before any data or model is built."""
 
