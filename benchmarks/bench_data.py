@@ -45,7 +45,8 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from massl.config import Config, DataConfig  # noqa: E402
 from massl.data import build_data  # noqa: E402
-from massl.data.batch import DevicePrepare, collate  # noqa: E402
+from massl.data.batch import collate
+from massl.data.prepare import DevicePrepare  # noqa: E402
 from massl.data.augment.device import normalize  # noqa: E402
 from massl.data.augment.draw import sample_rng  # noqa: E402
 from massl.data.multicrop import MultiCropAugmentation  # noqa: E402

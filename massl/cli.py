@@ -7,9 +7,7 @@ import os
 from .config import load_config
 from .errors import UserError
 from .errors import fail as _fail
-
-TRUST_HELP = ("read a checkpoint without teacher/teacher.safetensors (older massl) through its pickled files, "
-              "which can run code: only for checkpoints from a source you trust")
+from .trust import TRUST_HELP
 
 
 def train_main(argv=None) -> None:

@@ -15,8 +15,9 @@ import os
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .logging import log
+from .models import SSLNet, build_student_teacher
 
 TIMM_CLASSIFIER = ("head.weight", "head.bias")
 WRAPPERS = ("state_dict", "model", "teacher")  # a training script's dict around the weights
@@ -100,3 +101,13 @@ def init_from(nets: list[nn.Module], path: str, trust: bool = False) -> None:
     for net in nets:
         load_strict(net.backbone, state, path, "backbone")
     log.info(f"massl: student and teacher backbones initialised from {path} (projection head: random init)")
+
+
+def initial_student_teacher(cfg: Config) -> tuple[SSLNet, SSLNet]:
+    """The student and teacher a run starts from: built from cfg.model (massl.models), then, with
+    model.init_from set, the student loaded from it and the teacher made its exact copy."""
+    student, teacher = build_student_teacher(cfg)
+    if cfg.model.init_from:
+        init_from([student], cfg.model.init_from, cfg.model.init_from_trust)
+        teacher.load_state_dict(student.state_dict())
+    return student, teacher

@@ -132,10 +132,6 @@ def build_student_teacher(cfg: Config) -> tuple[SSLNet, SSLNet]:
         return SSLNet(backbone, head)
 
     student, teacher = make(m.drop_path), make(0.0)
-    if m.init_from:
-        from .init_weights import init_from
-
-        init_from([student], m.init_from, m.init_from_trust)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher

@@ -26,7 +26,7 @@ from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
 from .flops import peak_flops, step_flops_per_image
 from .logging import MetricsLogger, log, peak_memory_gib, setup_logging
-from .models import build_student_teacher
+from .init_weights import initial_student_teacher
 from .objective import MaSSLObjective
 from .runlock import acquire_run_lock, release_run_lock
 from .schedules import Hyper, Schedules
@@ -85,7 +85,7 @@ def build_step(cfg: Config, env: DistEnv) -> tuple[Engine, MaSSLObjective]:
     """What `train_step` needs, as a run builds it: the engine over a student and teacher
     initialised from run.seed (identical on every rank), and the objective with its memory."""
     torch.manual_seed(cfg.run.seed)
-    engine = build_engine(cfg, env, *build_student_teacher(cfg))
+    engine = build_engine(cfg, env, *initial_student_teacher(cfg))
     return engine, MaSSLObjective.from_config(cfg, env)
 
 

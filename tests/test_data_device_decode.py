@@ -15,7 +15,8 @@ from massl.config import DataConfig, load_config
 from massl.data import build_data
 from massl.data import multicrop as M
 from massl.data.augment.draw import sample_rng
-from massl.data.batch import DevicePrepare, collate
+from massl.data.batch import collate
+from massl.data.prepare import DevicePrepare
 from massl.data.device_decode import DeviceDecoder, resample_weights
 
 CPU = torch.device("cpu")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from massl.config import ConfigError, load_config
 from massl.export import export_teacher
+from massl.init_weights import initial_student_teacher
 from massl.models import backbone_spec, build_backbone, build_student_teacher
 from tests.conftest import tiny_overrides
 
@@ -38,7 +39,7 @@ def assert_has(module: torch.nn.Module, state: dict) -> None:
 def test_init_from_a_massl_export(tiny_run, make, tmp_path):
     out = str(tmp_path / "teacher.safetensors")
     export_teacher(tiny_run, out)
-    student, teacher = build_student_teacher(make(f"model.init_from={out}"))
+    student, teacher = initial_student_teacher(make(f"model.init_from={out}"))
     ref = load_file(out)
     assert_has(student.backbone, ref)
     assert_has(teacher.backbone, ref)
@@ -50,7 +51,7 @@ def test_init_from_a_massl_export(tiny_run, make, tmp_path):
 @pytest.mark.parametrize("which", ["teacher.safetensors", "run directory"])
 def test_init_from_a_massl_teacher_loads_backbone_and_head(tiny_run, make, which):
     path = teacher_file(tiny_run) if which == "teacher.safetensors" else tiny_run
-    student, teacher = build_student_teacher(make(f"model.init_from={path}"))
+    student, teacher = initial_student_teacher(make(f"model.init_from={path}"))
     ref = load_file(teacher_file(tiny_run))
     assert_has(student, ref)
     assert_has(teacher, ref)
@@ -63,7 +64,7 @@ def test_init_from_a_timm_state_dict_with_its_classifier(make, tmp_path):
     ref = timm.create_model(spec["model_name"], pretrained=False, **{**spec["kwargs"], "num_classes": 10}).state_dict()
     path = str(tmp_path / "timm.safetensors")
     save_file({k: v.contiguous() for k, v in ref.items()}, path)
-    student, teacher = build_student_teacher(make(f"model.init_from={path}"))
+    student, teacher = initial_student_teacher(make(f"model.init_from={path}"))
     backbone = {k: v for k, v in ref.items() if not k.startswith("head.")}
     assert_has(student.backbone, backbone)
     assert_has(teacher.backbone, backbone)
@@ -73,7 +74,7 @@ def test_init_from_another_shape_is_one_line_naming_the_keys(tiny_run, make, tmp
     out = str(tmp_path / "teacher.safetensors")
     export_teacher(tiny_run, out)
     with pytest.raises(ConfigError) as e:
-        build_student_teacher(make(f"model.init_from={out}", "model.depth=3", "model.embed_dim=48"))
+        initial_student_teacher(make(f"model.init_from={out}", "model.depth=3", "model.embed_dim=48"))
     msg = str(e.value)
     assert msg.startswith("model.init_from:") and "\n" not in msg
     assert "missing blocks.2." in msg and "blocks.0.attn.proj.bias (32,) vs (48,)" in msg, msg
@@ -87,9 +88,9 @@ def test_a_pickle_is_read_only_when_trusted(tiny_run, make, tmp_path, monkeypatc
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     with pytest.raises(ConfigError, match="model.init_from: .*pickle.*model.init_from_trust=true"):
-        build_student_teacher(make(f"model.init_from={path}"))
+        initial_student_teacher(make(f"model.init_from={path}"))
     assert loads == []  # never opened
-    student, _ = build_student_teacher(make(f"model.init_from={path}", "model.init_from_trust=true"))
+    student, _ = initial_student_teacher(make(f"model.init_from={path}", "model.init_from_trust=true"))
     assert_has(student, ref)
 
 

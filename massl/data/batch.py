@@ -1,4 +1,4 @@
-"""The Batch a DataSource yields, its collate function, and the move to the device (`prepare`)."""
+"""The Batch a DataSource yields and its collate function (its move to the device: prepare.py)."""
 from __future__ import annotations
 
 import itertools
@@ -7,8 +7,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..config import DataConfig
-from .augment.device import GpuAugment, normalize
 
 
 class EncodedBatch(NamedTuple):
@@ -60,27 +58,3 @@ def collate(samples) -> Batch:
                                torch.tensor([e.boxes for _, e in sent]))
     return Batch(crops, sum(s[1] for s in samples), params, tuple(s[2] for s in samples), encoded,
                  sum(v.fallback for v in views), tuple(u for s in samples for u in s[3]))
-
-
-class DevicePrepare:
-    """Batch -> V normalised float32 crop tensors on the device; with data.gpu_augment the
-    photometric ops run there first (augment/device.py), with data.decode=device the JPEG decode,
-    crops and resizes before them (device_decode.py)."""
-
-    def __init__(self, d: DataConfig, on_device: bool = False, aug=None):
-        self.mean, self.std = list(d.aug.mean), list(d.aug.std)
-        self.augment = GpuAugment(self.mean, self.std) if on_device else None
-        self.decoder = None
-        if d.decode == "device":
-            from .device_decode import DeviceDecoder  # torchvision.io only where it is used
-
-            self.decoder = DeviceDecoder(aug)
-
-    def __call__(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
-        if batch.encoded is not None:
-            views = self.decoder(batch, device)
-        else:
-            views = [c.to(device, non_blocking=True) for c in batch.crops]
-        if batch.params is None:
-            return [normalize(crops, self.mean, self.std) for crops in views]
-        return [self.augment(crops, params) for crops, params in zip(views, batch.params)]

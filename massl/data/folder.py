@@ -7,7 +7,8 @@ import torch
 
 from ..config import ConfigError
 from ..signals import ignore_stop_signals
-from .batch import Batch, DevicePrepare, collate
+from .batch import Batch, collate
+from .prepare import DevicePrepare
 from .files import scan_image_folder
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng
 from .watch import reading

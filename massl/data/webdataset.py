@@ -23,7 +23,8 @@ from ..config import ConfigError
 from ..errors import UserError
 from ..logging import log
 from ..signals import ignore_stop_signals
-from .batch import Batch, DevicePrepare, collate
+from .batch import Batch, collate
+from .prepare import DevicePrepare
 from .epoch_plan import block_permutation, epoch_pieces, resume_point, worker_span
 from .files import image_extension
 from .multicrop import DECODE_ERRORS, MultiCropAugmentation, sample_rng

@@ -12,7 +12,7 @@ import os
 
 import torch.distributed as dist
 
-from ..cli import TRUST_HELP
+from ..trust import TRUST_HELP
 from ..errors import UserError
 from ..errors import fail as _fail
 from .knn import DEFAULT_KS
