@@ -8,6 +8,9 @@ Writes <prefix>-000000.tar, ... and manifest.json (docs/data.md lists every flag
 Each shard is written under a .partial name and renamed when complete; a journal records the
 completed shards, so an interrupted run, started again with the same arguments, checks their
 sha256 and continues after them. Existing output is never replaced without --overwrite.
+
+One file for the three subcommands and their command line, which share the manifest, the
+journal and the checks of the output folder (the inputs' walk is shard_inputs.py).
 """
 from __future__ import annotations
 

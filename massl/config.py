@@ -2,6 +2,10 @@
 
 Defaults are the published MaSSL ViT-B/16 recipe (method.md, "Published hyper-parameters").
 Every key is documented in docs/config.md; `massl-train --print-config` shows the resolved tree.
+
+Longer than the other modules on purpose: it is the schema (one dataclass field per documented
+key), its loading (YAML, typed overrides) and its validation, kept together so that a key's type,
+default and checks are read in one place.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The training loop: the same for every engine and data source (docs/architecture.md).
 
 `train` builds the run's components (`build_run`), resumes them, then runs the loop; one step is
-`train_step`. Logging and checkpoints are the named helpers below the loop.
+`train_step`. Logging and checkpoints are the named helpers below the loop (just over 300 lines:
+the run lock, data timeouts and stop signals are handled here, where the loop can act on them).
 """
 from __future__ import annotations
 
