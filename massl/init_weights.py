@@ -62,13 +62,10 @@ def _names(keys) -> str:
 
 def load_strict(module: nn.Module, state: dict, path: str, what: str) -> None:
     """module.load_state_dict(state) with every mismatch named in one ConfigError line."""
+    from .checkpoint.reader import state_mismatches
+
     own = module.state_dict()
-    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & state.keys())
-              if state[k].shape != own[k].shape]
-    problems = ([f"missing {_names(missing)}"] if missing else []) + (
-        [f"unexpected {_names(unexpected)}"] if unexpected else []) + (
-        [f"shape (file vs model) {'; '.join(shapes[:SHOWN])}"] if shapes else [])
+    problems = state_mismatches(own, state, SHOWN)
     if problems:
         raise ConfigError(f"model.init_from: {path} does not fit the {what} that the model.* keys describe: "
                           f"{'; '.join(problems)}; set model.arch, model.patch_size, ... to the weights' model")

@@ -77,7 +77,7 @@ def test_init_from_another_shape_is_one_line_naming_the_keys(tiny_run, make, tmp
         initial_student_teacher(make(f"model.init_from={out}", "model.depth=3", "model.embed_dim=48"))
     msg = str(e.value)
     assert msg.startswith("model.init_from:") and "\n" not in msg
-    assert "missing blocks.2." in msg and "blocks.0.attn.proj.bias (32,) vs (48,)" in msg, msg
+    assert "missing, e.g. blocks.2." in msg and "blocks.0.attn.proj.bias (32,) (the model has (48,))" in msg, msg
 
 
 def test_a_pickle_is_read_only_when_trusted(tiny_run, make, tmp_path, monkeypatch):

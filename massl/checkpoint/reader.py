@@ -71,18 +71,23 @@ def read_safetensors(path: str, name: str) -> dict:
                         f"checkpoint") from None
 
 
+def state_mismatches(want: dict, state: dict, shown: int = 4) -> list[str]:
+    """What keeps `state` from loading strictly into a module whose state dict is `want`: missing
+    keys, unexpected keys and tensors of another shape, a few named of each; [] when it fits."""
+    missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} (the model has {tuple(want[k].shape)})"
+              for k in sorted(want.keys() & state.keys()) if state[k].shape != want[k].shape]
+    return [f"{len(keys)} {what}, e.g. {', '.join(keys[:shown])}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+
+
 def load_backbone_strictly(backbone: nn.Module, state: dict, ckpt_dir: str) -> None:
     """Load `state` into `backbone` with every key and shape matching, or a UserError in one line
     that says what does not match (a file that could not load must never be exported or used)."""
     want = backbone.state_dict()
     if not state:
         raise UserError(f"--checkpoint {ckpt_dir}: the teacher holds no backbone tensors; use another checkpoint")
-    missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
-    shapes = [f"{k} {tuple(state[k].shape)} (the model has {tuple(want[k].shape)})"
-              for k in sorted(want.keys() & state.keys()) if state[k].shape != want[k].shape]
-    problems = ([f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []) + (
-        [f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else []) + (
-        [f"{len(shapes)} of another shape, e.g. {shapes[0]}"] if shapes else [])
+    problems = state_mismatches(want, state, shown=1)
     if problems:
         raise UserError(f"--checkpoint {ckpt_dir}: the teacher does not fit the model of the run's config: tensors "
                         f"{'; '.join(problems)}; use the checkpoint of this run")
