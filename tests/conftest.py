@@ -17,6 +17,28 @@ def digits_dir(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def images():
+    """Four fixed random images for comparing teacher features across engines and world sizes."""
+    import torch
+
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(123))
+
+
+@pytest.fixture(scope="session")
+def digit_shards(digits_dir, tmp_path_factory):
+    """60 digits in 3 WebDataset shards of 20 (a list file keeps them independent of the folder's size)."""
+    from data_tools.shard import write_shards
+
+    root = tmp_path_factory.mktemp("wds")
+    train = os.path.join(digits_dir, "train")
+    paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(train) for f in fs)[:60]
+    (root / "list.txt").write_text("".join(f"{p}\n" for p in paths))
+    out = str(root / "shards")
+    write_shards(str(root / "list.txt"), out, maxcount=20, progress=False)
+    return out
+
+
 def tiny_overrides(data_path: str, output_dir: str) -> list[str]:
     """A ViT small enough for multi-step CPU tests (about 0.1 s per step)."""
     return [

@@ -125,3 +125,16 @@ def resume_elsewhere(rank, world, cfg_dict, checkpoint, images, engine_clip_erro
         result["clip_error"] = {m: engine_clip_error(engine, images, m) for m in modes}
     train(config_from_dict(cfg_dict))
     return result
+
+
+def assert_resumed_like(got: dict, ref: dict, world: int, what: str, tol: float = 1e-5) -> None:
+    """A run resumed at another world size (resume_elsewhere's result) holds the reference run's
+    state: the memory and its pointer exactly, the teacher's features to `tol`, and with several
+    ranks its clipping of `what` (the engine's local gradients) equal to the float64 reference."""
+    np.testing.assert_array_equal(got["memory"], ref["memory"])
+    assert got["ptr"] == ref["ptr"]
+    for key in ("backbone", "head"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=tol, atol=tol)
+    if world > 1:
+        for mode, err in got["clip_error"].items():
+            assert err < 1e-5, f"{mode} clipping of {what} is off by {err}"

@@ -24,8 +24,8 @@ from massl.models import backbone_spec, build_student_teacher
 from massl.optim import clip_grads_
 from massl.train import train
 from tests.distributed import run_ranks
-from tests.engines_common import (build_and_load, clip_error, losses, resume_elsewhere, step_dir, teacher_features,
-                                  tiny_config, write_images)
+from tests.engines_common import (assert_resumed_like, build_and_load, clip_error, losses, resume_elsewhere, step_dir,
+                                  teacher_features, tiny_config, write_images)
 
 RTOL = 1e-5  # losses of the engines differ by ~1e-6 relative here (reduction order): 10x margin
 # Teacher weights differ by ~6e-7 absolute here, and moved by more than 1e-3: a wrong gradient
@@ -52,11 +52,6 @@ def _clip_error(engine, images, mode: str) -> float:
                        lambda max_norm: clip_grads_(engine.local_grads(), max_norm, mode, engine.grad_group))
     engine.optimizer.zero_grad(set_to_none=True)
     return error
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(123))
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +103,7 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(runs, images, world):
     got = run_ranks(resume_elsewhere, world, cfg, step_dir(runs["out"]["fsdp"], 4), images, _clip_error,
                     ("per_param", "global"))[0]
     ref = runs["fsdp_features"]
-    np.testing.assert_array_equal(got["memory"], ref["memory"])
-    assert got["ptr"] == ref["ptr"]
-    for key in ("backbone", "head"):
-        np.testing.assert_allclose(got[key], ref[key], rtol=FEATURE_TOL, atol=FEATURE_TOL)
-    if world > 1:
-        for mode, err in got["clip_error"].items():
-            assert err < 1e-5, f"{mode} clipping of sharded gradients is off by {err}"
+    assert_resumed_like(got, ref, world, "sharded gradients", FEATURE_TOL)
     resumed = losses(cfg["run"]["output_dir"])
     assert sorted(resumed) == [5]
     _assert_losses_match(resumed, losses(runs["out"]["fsdp"]), [5])

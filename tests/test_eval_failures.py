@@ -24,13 +24,17 @@ def eval_records(run: str) -> list:
     return [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if any(k.startswith("eval/") for k in r)]
 
 
+def sets_with_one_unusable(tmp_path, names: tuple, broken: str) -> dict:
+    """A readable folder for each of `names`, except `broken`: a folder none of whose images reads."""
+    good = write_folder(str(tmp_path / "good"), counts=(2, 2, 2), bad="")
+    return {**dict.fromkeys(names, good), broken: unreadable_folder(str(tmp_path / "bad"))}
+
+
 @pytest.mark.parametrize("broken", ["val", "train"])
 def test_an_evaluation_with_no_usable_image_warns_and_training_goes_on(tiny_config, tmp_path, caplog, broken):
     from massl.train import train
 
-    good = write_folder(str(tmp_path / "good"), counts=(2, 2, 2), bad="")
-    bad = unreadable_folder(str(tmp_path / "bad"))
-    sets = {"train": good, "val": good, broken: bad}
+    sets = sets_with_one_unusable(tmp_path, ("train", "val"), broken)
     run = str(tmp_path / "run")
     cfg = tiny_config("run.max_steps=3", "run.checkpoint_every=3", "eval.every_steps=1", f"eval.train={sets['train']}",
                       f"eval.val={sets['val']}", "eval.k=[2]", "eval.num_workers=0", output_dir=run)
@@ -40,7 +44,7 @@ def test_an_evaluation_with_no_usable_image_warns_and_training_goes_on(tiny_conf
     assert eval_records(run) == []  # no metric for an evaluation that gave none
     warnings = [r.getMessage() for r in caplog.records if "no k-NN result" in r.getMessage()]
     assert len(warnings) == 3, warnings  # one per evaluation (steps 1, 2, 3)
-    assert f"eval.{broken}" in warnings[0] and bad in warnings[0] and "none of its 6 image(s)" in warnings[0]
+    assert f"eval.{broken}" in warnings[0] and sets[broken] in warnings[0] and "none of its 6 image(s)" in warnings[0]
     assert all("\n" not in w for w in warnings)
 
 
@@ -55,14 +59,12 @@ def run_eval(capsys, *argv):
 
 @pytest.mark.parametrize("broken", ["--train", "--val"])
 def test_massl_eval_refuses_a_set_with_no_usable_image(capsys, tiny_run, tmp_path, broken):
-    good = write_folder(str(tmp_path / "good"), counts=(2, 2, 2), bad="")
-    bad = unreadable_folder(str(tmp_path / "bad"))
-    sets = {"--train": good, "--val": good, broken: bad}
+    sets = sets_with_one_unusable(tmp_path, ("--train", "--val"), broken)
     out = str(tmp_path / "r.json")
     code, stdout, stderr = run_eval(capsys, "knn", "--checkpoint", tiny_run, "--train", sets["--train"], "--val",
                                     sets["--val"], "--workers", "0", "--k", "2", "--out", out)
     # before: ZeroDivisionError traceback (--val) or "k=0 ... 0.0000" printed as a result (--train)
-    assert code == 2 and stderr.splitlines()[-1].startswith(f"error: {broken} {bad!r}: none of its 6 image(s)"), stderr
+    assert code == 2 and stderr.splitlines()[-1].startswith(f"error: {broken} {sets[broken]!r}: none of its 6 image(s)"), stderr
     assert not os.path.exists(out) and "0.0000" not in stdout
 
 

@@ -19,7 +19,6 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from massl.config import load_config
 from tests.conftest import tiny_overrides
