@@ -145,7 +145,11 @@ def test_full_state_dict_gathers_the_shards(monkeypatch):
         b.enqueue(keys(4, 1))
     ring = torch.cat([b.bank for b in banks], dim=1)
     gathered = torch.cat([b.bank.T for b in banks])  # what the all-gather of the [K/W, D] shards returns
-    monkeypatch.setattr(massl.memory, "gather_rows", lambda x, g: gathered if isinstance(g, FakeGroup) else x)
+    def gather(x, g):  # each rank contributes its own [K/W, D] rows
+        assert torch.equal(x, banks[g.rank].bank.T)
+        return gathered
+
+    monkeypatch.setattr(massl.memory, "gather_rows", gather)
     full = banks[1].full_state_dict()
     assert torch.equal(full["bank"], ring) and full["bank"].is_contiguous()
     assert (full["ptr"], full["offset"], full["size"]) == (4, 0, SIZE)
