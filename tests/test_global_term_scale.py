@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from massl.loss import koleo_loss
-from massl.train import global_term_scale  # the step's objective; where the scale is defined
+from massl.objective import global_term_scale  # where the scale is defined
 from tests.distributed import run_ranks
 
 WORLD, ROWS, DIM = 2, 5, 6
