@@ -1,0 +1,87 @@
+"""MaSSLObjective (massl/objective.py), the method's step as one component, in one process: its
+terms against float64 references written here from method.md, its partition permutation and its
+enqueue against a FIFO loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from massl.memory import MemoryBank
+from massl.objective import MaSSLObjective
+from massl.schedules import Hyper
+from tests.reference import FifoReference, massl_loss_reference
+
+D, K, P, V, B = 8, 32, 8, 4, 4
+HYPER = Hyper(lr=0.1, wd=0.04, teacher_momentum=0.99, teacher_temp=0.06)
+
+
+def make(koleo_weight: float = 0.0, seed: int = 3) -> MaSSLObjective:
+    return MaSSLObjective(MemoryBank(D, K, sharded=False, seed=seed), partition_size=P, student_temp=0.1,
+                          seed=seed, koleo_weight=koleo_weight)
+
+
+def embeddings(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    zs = F.normalize(torch.randn(V, B, D, generator=g, dtype=torch.float64), dim=-1)
+    zt = F.normalize(torch.randn(2, B, D, generator=g, dtype=torch.float64), dim=-1)
+    return zs, zt
+
+
+def koleo_reference(x: torch.Tensor) -> torch.Tensor:
+    """-mean over rows of log(distance to the nearest other row), rows L2-normalised (loops)."""
+    x = x / x.norm(dim=-1, keepdim=True)
+    nearest = [min((x[b] - x[c]).norm() for c in range(len(x)) if c != b) for b in range(len(x))]
+    return -torch.stack([torch.log(d) for d in nearest]).mean()
+
+
+@pytest.mark.parametrize("step", [0, 7])
+def test_loss_is_the_method_loss_over_the_steps_partition(step):
+    objective = make()
+    zs, zt = embeddings(step)
+    terms = objective(zs, zt, step, HYPER)
+    perm = objective.permutation(step, zs.device)
+    want = massl_loss_reference(zs, zt, objective.memory.bank.double(), perm, P, 0.1, HYPER.teacher_temp)
+    torch.testing.assert_close(terms.loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(terms.objective, want, rtol=1e-10, atol=1e-12)  # one process: no scaling
+    assert terms.koleo is None and terms.agreement is None
+    assert set(terms.metrics()) == {"loss"}
+
+
+def test_koleo_is_added_with_its_weight_and_reported_unweighted():
+    zs, zt = embeddings(1)
+    plain, with_koleo = make()(zs, zt, 2, HYPER), make(koleo_weight=0.3)(zs, zt, 2, HYPER)
+    koleo = 0.5 * (koleo_reference(zs[0]) + koleo_reference(zs[1]))
+    # KoLeo computes in fp32 (massl.loss.koleo_loss)
+    torch.testing.assert_close(with_koleo.koleo.double(), koleo, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(with_koleo.loss, plain.loss + 0.3 * koleo, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(with_koleo.objective, with_koleo.loss)
+
+
+def test_monitoring_adds_the_agreement():
+    zs, zt = embeddings(2)
+    terms = make()(zs, zt, 4, HYPER, monitor=True)
+    top1, top5 = terms.agreement
+    assert 0 <= top1.item() <= top5.item() <= 1
+    assert set(terms.metrics()) == {"loss", "agree_top1", "agree_top5"}
+
+
+def test_permutation_is_a_fresh_permutation_per_step_and_the_same_for_a_step():
+    objective = make()
+    perms = [objective.permutation(step, torch.device("cpu")) for step in (0, 1, 0)]
+    assert all(sorted(p.tolist()) == list(range(K)) for p in perms)
+    assert torch.equal(perms[0], perms[2]) and not torch.equal(perms[0], perms[1])
+    assert not torch.equal(perms[0], make(seed=4).permutation(0, torch.device("cpu")))
+
+
+def test_remember_enqueues_and_the_next_step_sees_it():
+    objective = make()
+    reference = FifoReference(objective.memory.bank)
+    zs, zt = embeddings(3)
+    before = objective(zs, zt, 5, HYPER).loss
+    keys = zt[1].float()
+    objective.remember(keys)
+    reference.enqueue(keys)
+    torch.testing.assert_close(objective.memory.bank, reference.memory)
+    assert objective.memory.ptr == reference.ptr == B
+    assert not torch.allclose(objective(zs, zt, 5, HYPER).loss, before)  # the loss reads the memory as it is now
