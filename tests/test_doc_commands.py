@@ -49,11 +49,15 @@ COMMANDS = {
                                          "install, 14 min to train); each of its steps is run below (digits, "
                                          "massl-train, massl-eval, massl-report), and README reports its measured run"),
     "bash scripts/run_tests.sh": (SKIP, "the test suite, of which this test is part"),
+    'bash scripts/run_tests.sh -m "not slow"': (SKIP, "the suite's fast subset, of which this test is part"),
     "massl-train --config configs/vit_small.yaml data.path=/data/imagenet/train run.output_dir=runs/vits":
         (PARSE, "ImageNet on GPUs"),
     "massl-train --print-config --config configs/quickstart.yaml": (RUN, ""),
     "launch/torchrun.sh 4 configs/vit_base.yaml data.path=/data/imagenet/train": (PARSE, "4 GPUs"),
-    "NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh 8 configs/vit_base.yaml ...": (PARSE, "2 GPU nodes"),
+    "NNODES=2 MASTER_ADDR=node1 launch/torchrun.sh 8 configs/vit_base.yaml ...":
+        (PARSE, "2 GPU nodes; tests/test_multinode.py runs torchrun.sh with NNODES=2 on the two-node test cluster"),
+    'echo "localhost slots=2" > hostfile': (SKIP, "the hostfile of the next line; tests/test_multinode.py runs both "
+                                                  "lines as written"),
     "sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 launch/slurm/train.sbatch configs/vit_base.yaml data.path=...":
         (PARSE, "a GPU Slurm cluster (tests/test_slurm.py runs train.sbatch on a private one)"),
     "launch/deepspeed.sh hostfile configs/vit_base.yaml engine.zero_stage=3 "
@@ -84,6 +88,17 @@ COMMANDS = {
     "massl-shard index --out DIR/manifest.json URL [URL ...]":
         (RUN_WITH, {"DIR/manifest.json": "data/digits_shards/index.json",
                     "URL [URL ...]": "data/digits_shards/shard-000000.tar data/digits_shards/shard-000001.tar"}),
+    # docs/multinode.md
+    "NNODES=2 MASTER_ADDR=node1 launch/torchrun.sh 8 configs/vit_base.yaml data.path=...":
+        (PARSE, "2 GPU nodes; tests/test_multinode.py runs torchrun.sh with NNODES=2 on the two-node test cluster"),
+    "launch/deepspeed.sh hostfile configs/vit_base.yaml engine.zero_stage=2 data.path=...":
+        (PARSE, "GPU nodes; tests/test_multinode.py runs deepspeed.sh with a two-host hostfile"),
+    "scripts/test_cluster.sh up 2": (SKIP, "namespaces, sshd and Slurm as root; tests/test_multinode.py runs it"),
+    "scripts/test_cluster.sh exec node2 hostname": (SKIP, "on the cluster above (tests/test_multinode.py)"),
+    "scripts/test_cluster.sh exec node1 launch/deepspeed.sh PATH-FROM-UP configs/quickstart.yaml":
+        (SKIP, "on the cluster above, with the hostfile `up` printed (tests/test_multinode.py)"),
+    "scripts/test_cluster.sh kill node2": (SKIP, "on the cluster above (tests/test_multinode.py's node failure)"),
+    "scripts/test_cluster.sh down": (SKIP, "tests/test_multinode.py"),
     # docs/engines.md
     "python benchmarks/bench_step.py --out bench_step.json": (PARSE, "a GPU benchmark"),
     "python benchmarks/bench_step.py --archs vit_base --batch 128 --ac none full --compile off on":
