@@ -272,7 +272,7 @@ def _env() -> dict:
     return env
 
 
-def as_run(command: str) -> str:
+def as_shell_line(command: str) -> str:
     how, detail = COMMANDS[command]
     if how == RUN_WITH:
         for old, new in detail.items():
@@ -292,7 +292,7 @@ def test_documented_commands_run(tiny_run, tmp_path):
     runs = sorted((c for c, (how, _) in COMMANDS.items() if how in (RUN, RUN_WITH)),
                   key=lambda c: next((i for i, f in enumerate(first) if c.startswith(f)), len(first)))
     for command in runs:
-        line = as_run(command)
+        line = as_shell_line(command)
         if line.startswith("massl-eval"):
             line += " --workers 0 --threads 1"  # as few processes as the shared test machine allows
         done = subprocess.run(line, shell=True, cwd=work, env=_env(), capture_output=True, text=True, timeout=900)
