@@ -272,7 +272,7 @@ def _overflow_then_normal_step_of(cfg_dict) -> dict:
     # the periodic k-NN's path (the teacher's backbone gathered alone), then a step again
     with torch.no_grad(), engine.teacher_backbone() as backbone:
         features = backbone(crops[0])
-    train_step(engine, memory, [c.clone() for c in crops], cfg, 2, h, env.group)
+    train_step(engine, objective, [c.clone() for c in crops], 2, h)
     assert bool(torch.isfinite(features).all()) and engine.step_applied()
     moved = []
     for before, after in zip(states[:-1], states[1:]):
