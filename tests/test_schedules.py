@@ -70,6 +70,6 @@ def test_closed_forms_at_their_edges():
 
 def test_at_names_every_schedule(sched):
     assert sched.iters_per_epoch == 100 and sched.total_iters == 1000
-    assert sched.at(300) == {"lr": sched.lr(300), "wd": sched.weight_decay(300),
+    assert sched.at(300).as_dict() == {"lr": sched.lr(300), "wd": sched.weight_decay(300),
                              "teacher_momentum": sched.teacher_momentum(300), "teacher_temp": sched.teacher_temperature(300)}
     assert sched.at(300) != sched.at(700)
