@@ -6,6 +6,8 @@
 # Needs slurmctld, slurmd, munged (Debian: apt-get install slurm-wlm munge) and root: the daemons
 # run as root with a private munge key and socket, no systemd, no cgroups. Installs nothing.
 set -euo pipefail
+# shellcheck source=scripts/slurm_conf_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_conf_common.sh"
 
 usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
 [ $# -eq 2 ] || usage
@@ -79,19 +81,7 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$dir/log/jobcomp.log
-MpiDefault=none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2,sched_interval=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-MinJobAge=600
+$(slurm_test_settings "$dir")
 # Seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or timed out
 KillWait=${KILL_WAIT:-30}
 NodeName=$host NodeAddr=127.0.0.1 $node RealMemory=$((mem * 9 / 10))

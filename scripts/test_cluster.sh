@@ -17,6 +17,8 @@
 # Needs root, iproute2, util-linux (unshare, nsenter), openssh-server; Slurm needs slurm-wlm and munge
 # (Debian: apt-get install -y openssh-server pdsh openmpi-bin slurm-wlm munge).
 set -euo pipefail
+# shellcheck source=scripts/slurm_conf_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_conf_common.sh"
 
 dir=$(realpath -m "${MASSL_TEST_CLUSTER_DIR:-/tmp/massl-test-cluster}")
 net=${MASSL_TEST_CLUSTER_NET:-10.213.0}
@@ -211,19 +213,7 @@ SlurmctldPidFile=$s/slurmctld.pid
 SlurmdPidFile=$s/slurmd-%n.pid
 SlurmctldLogFile=$s/log/slurmctld.log
 SlurmdLogFile=$s/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$s/log/jobcomp.log
-MpiDefault=none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2,sched_interval=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-MinJobAge=600
+$(slurm_test_settings "$s")
 KillWait=${KILL_WAIT:-5}
 SlurmdTimeout=30
 EOF
