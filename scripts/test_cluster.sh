@@ -26,16 +26,6 @@ self=$(realpath "$0")
 usage() { echo "usage: $0 up N | down | exec nodeK CMD... | kill nodeK" >&2; exit 2; }
 die() { echo "test_cluster: $*" >&2; exit 1; }
 
-# Wait up to $1 seconds for the command that follows to succeed.
-wait_for() {
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || return 1
-    sleep 0.2
-  done
-}
-
 holder() { cat "$dir/$1.pid" 2>/dev/null; }  # the process that keeps a namespace alive
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 nodes() { cat "$dir/nodes" 2>/dev/null || true; }
