@@ -102,7 +102,8 @@ def test_device_prepare_matches_the_gpu_augment_path(photos):
 def jpeg_shards(photos, tmp_path):
     """One shard of 9 samples: 6 JPEGs, a PNG, a JPEG cut short (000006: no end marker, the
     worker sends it to the CPU path, where PIL refuses it) and one with a bogus Huffman table
-    (000003: its size and end marker are intact, only a decoder notices)."""
+    (000003: its size and end marker are intact, only a decoder notices; the worker's check decode
+    refuses it as the CPU path does)."""
     good = [encode(Image.open(io.BytesIO(photos[k % 2])).resize((48 + 4 * k, 40)), quality=90) for k in range(6)]
     corrupt = bytearray(good[3])
     dht = corrupt.index(b"\xff\xc4")  # first Huffman table: its 16 code counts now sum past 256
@@ -136,11 +137,12 @@ def test_corrupt_jpeg_in_a_shard_is_skipped_and_counted(jpeg_shards, workers, ca
         skipped, fallback = skipped + batch.skipped, fallback + batch.fallback
         assert [v.shape[0] for v in views] == [3] * 4 and all(torch.isfinite(v).all() for v in views)
         for row, (key, cpu_key) in enumerate(zip(batch.keys, cpu_batch.keys)):
-            if key == cpu_key != "000003":  # the corrupt sample's row holds a replacement, chosen differently
-                assert all((x[row] - y[row]).abs().max() < 0.1 for x, y in zip(views, reference)), key
-                compared += 1
-    assert (skipped, fallback) == (2, 1) and compared == 8  # the two damaged JPEGs; the PNG
-    assert "skipping sample '000003'" in caplog.text  # prepare() runs in this process
+            assert key == cpu_key  # both damaged JPEGs are refused in the worker, replaced as on the CPU path
+            assert all((x[row] - y[row]).abs().max() < 0.1 for x, y in zip(views, reference)), key
+            compared += 1
+    assert (skipped, fallback) == (2, 1) and compared == 9  # the two damaged JPEGs; the PNG
+    if workers == 0:  # the warning comes from the process that decodes
+        assert "skipping sample '000003'" in caplog.text
 
 
 def test_training_with_device_decode_counts_fallbacks(tiny_config):

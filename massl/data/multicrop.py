@@ -159,6 +159,12 @@ class MultiCropAugmentation:
         DCT scaling). An RGB or grayscale JPEG whose bytes are at hand goes through simplejpeg:
         the same libjpeg-turbo decode as PIL's, same pixels, about a third less CPU."""
         f = draft_factor(crops, self.sizes, *img.size) if img.format == "JPEG" and self.d.draft_decode else 1
+        return self.decode_scaled(img, f, data)
+
+    def decode_scaled(self, img: Image.Image, f: int, data: Optional[bytes] = None) -> torch.Tensor:
+        """uint8 RGB [3, H, W] of `img` decoded at about 1/f of its size (JPEG DCT scaling; f = 1
+        for other formats), by the CPU path's decoder: simplejpeg (strict: libjpeg-turbo's warnings
+        about corrupt data are errors) or PIL."""
         if data is not None and simplejpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
             pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=img.height // f, min_width=img.width // f)
             return torch.from_numpy(pixels).permute(2, 0, 1)
@@ -205,5 +211,11 @@ class MultiCropAugmentation:
             if not self.decode_on_device:
                 return Views(*self.apply(img, crops, data))
             if device_decodable(img, data):
+                # The device decoders accept JPEGs whose data libjpeg-turbo calls corrupt (a cut body,
+                # noise, a stray marker) and decode them to grey or smeared pixels. The CPU path's own
+                # decode at 1/8 scale (every coefficient is still entropy-decoded, so the same errors
+                # and warnings, at a fraction of a full decode's cost) refuses them here: the sample
+                # is replaced and counted exactly as on the CPU path.
+                self.decode_scaled(img, 8, data)
                 return Views(None, param_rows(crops), Encoded(data, [p.box for p in crops]))
             return Views(*self.apply(img, crops, data), fallback=True)
