@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, NoReturn
 import torch
 
 from .dist import all_reduce_
+from .logging import log
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C, the first one
 INTERRUPTED_EXIT = 130  # a second Ctrl-C: at once, no checkpoint (the shell's status for SIGINT)
@@ -58,6 +59,10 @@ def exit_stopped() -> NoReturn:
     launcher that ends every rank at the first non-zero exit (srun --kill-on-bad-exit) would
     otherwise turn the other ranks' own exit 75 into a death by SIGTERM (status 143)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Each rank says so (the launcher may report only the first status, or none): with
+    # run.log_all_ranks, every rank's line shows that it stopped cleanly.
+    log.info(f"massl: exiting with status {STOPPED_EXIT} (stopped at a checkpoint; run the same command again "
+             f"to continue)")
     sys.exit(STOPPED_EXIT)
 
 

@@ -1,15 +1,18 @@
-"""Stop signals reach the ranks under launch/torchrun.sh: a signal to the script is forwarded to
-the ranks, and a rank whose launcher died (SIGUSR1 kills torchrun) stops by itself; either way
-the run checkpoints, exits 75 on the rank and leaves nothing running."""
+"""Stop signals reach the ranks under launch/torchrun.sh and launch/deepspeed.sh: a signal to the
+script is forwarded to the ranks, and ranks whose launcher died (SIGUSR1 kills torchrun and
+DeepSpeed's runner, SIGTERM the runner too) stop by themselves; either way every rank
+checkpoints and exits 75, and nothing of the run is left running."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
+from massl.checkpoint.manager import verify
 from tests.conftest import tiny_overrides
 from tests.distributed import free_port
 
@@ -30,38 +33,76 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("target", ["script", "launcher"])
-def test_a_signal_to_the_torchrun_launch_reaches_the_rank(digits_dir, tmp_path, target):
-    import sys
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except OSError:
+        return ""
 
+
+def torchrun_launch(tmp_path, config: str) -> tuple[list[str], dict, int, str]:
+    """(command, environment, ranks, what names the launcher process in its command line)."""
+    return (["bash", os.path.join(ROOT, "launch", "torchrun.sh"), "1", config],
+            {"PYTHON": sys.executable, "MASTER_PORT": str(free_port())}, 1, "torch.distributed.run")
+
+
+def deepspeed_launch(tmp_path, config: str) -> tuple[list[str], dict, int, str]:
+    """One host (`localhost slots=2`), DeepSpeed's runner starting its local launcher and 2 ranks."""
+    pytest.importorskip("deepspeed")
+    runner = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    if not os.path.isfile(runner):
+        pytest.skip("the deepspeed launcher script is not installed beside this python")
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    env = {"DEEPSPEED": runner, "DS_ACCELERATOR": "cpu", "DS_LAUNCHER_ARGS": f"--master_port {free_port()}",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    return (["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), str(tmp_path / "hostfile"), config], env, 2,
+            f"{runner} ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch, target, signum", [
+    ("torchrun", "script", signal.SIGUSR1),  # before: killed the script (exec'd torchrun) while the rank trained on
+    ("torchrun", "launcher", signal.SIGUSR1),  # torchrun dies of it; the rank sees its parent go
+    ("deepspeed", "script", signal.SIGTERM),
+    ("deepspeed", "launcher", signal.SIGTERM),  # DeepSpeed's runner dies of it; its local launcher lives on
+])
+def test_a_signal_to_the_launch_reaches_every_rank(digits_dir, tmp_path, launch, target, signum):
     run, log = str(tmp_path / "run"), tmp_path / "log"
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    args = ["bash", os.path.join(ROOT, "launch", "torchrun.sh"), "1", str(config)] + tiny_overrides(
-        os.path.join(digits_dir, "train"), run) + ["optim.epochs=50", "run.checkpoint_every=1000"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
+    args, env, ranks, launcher_name = {"torchrun": torchrun_launch, "deepspeed": deepspeed_launch}[launch](
+        tmp_path, str(config))
+    args += tiny_overrides(os.path.join(digits_dir, "train"), run) + [
+        "optim.epochs=50", "run.checkpoint_every=1000", "run.log_all_ranks=true"]
+    env = {**os.environ, "PYTHONPATH": ROOT, **env}
     with open(log, "w") as out:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while "step 3/" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "step 3/" in log.read_text(), log.read_text()
         if target == "script":
-            proc.send_signal(signal.SIGUSR1)  # before: killed the script (exec'd torchrun) while the rank trained on
+            proc.send_signal(signum)
         else:
-            launcher = [p for p in processes_of(run) if "torch.distributed.run" in open(f"/proc/{p}/cmdline").read()]
-            os.kill(launcher[0], signal.SIGUSR1)  # torchrun dies of it; the rank sees its parent go
-        proc.wait(timeout=120)
+            os.kill(next(p for p in processes_of(run) if launcher_name in cmdline(p)), signum)
+        proc.wait(timeout=180)
         deadline = time.monotonic() + 60
         while (group_alive(proc.pid) or processes_of(run)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not group_alive(proc.pid) and not processes_of(run), "processes left"
         text = log.read_text()
-        assert "stop signal received" in text, text  # before: the rank trained on, unsupervised
-        assert [d for d in os.listdir(os.path.join(run, "checkpoints")) if d.startswith("step_")], text
-        assert os.path.exists(os.path.join(run, "summary.json"))  # the rank got to the end of its run
+        # each rank's own lines (rank 0's unprefixed): it stopped at the checkpoint and exited 75
+        # (before: DeepSpeed's ranks trained on, unsupervised)
+        for rank in range(ranks):
+            mine = [s.split("] ", 1)[-1] for s in text.splitlines() if s.startswith(f"[rank {rank} on ")] if rank \
+                else [s for s in text.splitlines() if s.startswith("massl: ")]
+            for line in ("massl: stop signal received", "massl: exiting with status 75"):
+                assert any(s.startswith(line) for s in mine), (rank, line, text)
+        steps = [d for d in os.listdir(os.path.join(run, "checkpoints")) if d.startswith("step_")]
+        assert len(steps) == 1 and verify(os.path.join(run, "checkpoints", steps[0])) == (True, ""), text
+        assert os.path.exists(os.path.join(run, "summary.json"))  # rank 0 got to the end of its run
     finally:
         for pid in processes_of(run):
             os.kill(pid, signal.SIGKILL)
