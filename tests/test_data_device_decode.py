@@ -152,3 +152,17 @@ def test_training_with_device_decode_counts_fallbacks(tiny_config):
     cfg = tiny_config("data.decode=device", "run.max_steps=2")
     summary = train(cfg)
     assert summary["step"] == 2 and summary["decode_fallback_images"] == 2 * cfg.data.batch_size
+
+
+def test_a_jpeg_that_decodes_nowhere_is_replaced_within_its_batch(photos, caplog):
+    """The device side's last resort, for a JPEG that passed the worker's check (made up here:
+    a start and an end marker around zeros): decoded neither on the device nor on the CPU, its
+    row takes another sample's crops and parameters and is counted."""
+    on_device = M.MultiCropAugmentation(DataConfig(decode="device"))
+    (good, *rest), (views, *other) = samples(on_device, photos[:2])
+    bad = views._replace(encoded=M.Encoded(b"\xff\xd8" + bytes(100) + b"\xff\xd9", views.encoded.boxes))
+    batch = collate([(good, *rest), (bad, *other)])
+    out = DeviceDecoder(on_device)(batch, CPU)
+    assert batch.skipped == 1 and all(torch.equal(o[1], o[0]) for o in out)
+    assert all(torch.equal(p[1], p[0]) for p in batch.params)
+    assert "decodes neither on the device nor on the CPU" in caplog.text

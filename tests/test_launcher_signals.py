@@ -61,13 +61,15 @@ def deepspeed_launch(tmp_path, config: str) -> tuple[list[str], dict, int, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch, target, signum", [
-    ("torchrun", "script", signal.SIGUSR1),  # before: killed the script (exec'd torchrun) while the rank trained on
-    ("torchrun", "launcher", signal.SIGUSR1),  # torchrun dies of it; the rank sees its parent go
-    ("deepspeed", "script", signal.SIGTERM),
-    ("deepspeed", "launcher", signal.SIGTERM),  # DeepSpeed's runner dies of it; its local launcher lives on
+@pytest.mark.parametrize("launch, target, signum, status", [
+    # before: SIGUSR1 killed the script (exec'd torchrun) while the rank trained on
+    ("torchrun", "script", signal.SIGUSR1, 1),  # torchrun reports a rank's exit 75 as a failure
+    ("torchrun", "launcher", signal.SIGUSR1, 128 + signal.SIGUSR1),  # torchrun dies of it; the rank sees its parent go
+    ("deepspeed", "script", signal.SIGTERM, 75),  # DeepSpeed's launcher passes on the ranks' status
+    # before: the runner died, the script exited and launch.py and its ranks trained on
+    ("deepspeed", "launcher", signal.SIGTERM, 128 + signal.SIGTERM),
 ])
-def test_a_signal_to_the_launch_reaches_every_rank(digits_dir, tmp_path, launch, target, signum):
+def test_a_signal_to_the_launch_reaches_every_rank(digits_dir, tmp_path, launch, target, signum, status):
     run, log = str(tmp_path / "run"), tmp_path / "log"
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
@@ -87,7 +89,7 @@ def test_a_signal_to_the_launch_reaches_every_rank(digits_dir, tmp_path, launch,
             proc.send_signal(signum)
         else:
             os.kill(next(p for p in processes_of(run) if launcher_name in cmdline(p)), signum)
-        proc.wait(timeout=180)
+        assert proc.wait(timeout=180) == status  # the launcher's status
         deadline = time.monotonic() + 60
         while (group_alive(proc.pid) or processes_of(run)) and time.monotonic() < deadline:
             time.sleep(0.2)

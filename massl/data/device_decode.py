@@ -9,7 +9,8 @@ antialiased bicubic/bilinear filter of PIL and torch, as separable weight matric
 uint8 as theirs, and handed to augment/device.py's photometric ops like the workers' crops.
 
 Samples the workers did not send as JPEG bytes (other formats, CMYK, files cut short) arrive as
-crops, flagged in Batch.fallback. A JPEG the device cannot decode is cut on the CPU here, from
+crops, flagged in Batch.fallback. Damaged JPEGs never get here: the workers refuse them with the
+CPU path's decoder (MultiCropAugmentation.load), since the decoders here would accept some. A JPEG the device cannot decode is cut on the CPU here, from
 its bytes and with its own boxes (Batch.fallback too); one that does not decode at all is
 replaced by another sample of its batch and counted in Batch.skipped.
 """
