@@ -2,7 +2,6 @@
 and counts exactly the files the CPU path skips, and trains on the same good images."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
