@@ -136,6 +136,15 @@ def test_the_cluster_has_two_named_nodes_reaching_each_other_over_ssh(cluster):
     assert cluster["node1"] != cluster["node2"]
 
 
+def _env_probe(directory):
+    """(folder for PYTHONPATH, folder of the probes): ENV_PROBE in every rank's interpreter."""
+    hook, probes = directory / "hook", directory / "probes"
+    hook.mkdir()
+    probes.mkdir()
+    (hook / "sitecustomize.py").write_text(ENV_PROBE)
+    return hook, probes
+
+
 def _two_node_hostfile(directory) -> str:
     """One process per node: the world size of the one-node references (2)."""
     path = directory / "hostfile2"
@@ -225,10 +234,7 @@ def test_deepspeed_pdsh_on_two_nodes_matches_one_node_and_passes_the_environment
     """DeepSpeed's default (pdsh) runner over ssh to both nodes, ZeRO-2; MASSL_* and a variable named
     in MASSL_EXPORT reach the rank on node2, whose environment otherwise comes from sshd."""
     reference, config = deepspeed_reference
-    hook, probes = tmp_path / "hook", tmp_path / "probes"
-    hook.mkdir()
-    probes.mkdir()
-    (hook / "sitecustomize.py").write_text(ENV_PROBE)
+    hook, probes = _env_probe(tmp_path)
     out = str(tmp_path / "run")
     env = _env(cluster, DEEPSPEED=_deepspeed_launcher(), PYTHONPATH=f"{hook}:{ROOT}",
                MASSL_TEST_PROBE_DIR=str(probes), MASSL_TEST_MARK="mark", MY_USER_VARIABLE="user")
@@ -259,12 +265,19 @@ def test_deepspeed_mpirun_and_srun_on_two_nodes_match_one_node(cluster, deepspee
             pytest.skip("needs Slurm in the test cluster (apt-get install -y slurm-wlm munge)")
         # as docs/multinode.md shows it: DS_LAUNCHER_ARGS=--launcher=slurm salloc ... launch/deepspeed.sh ...
         env.update(SLURM_CONF=cluster["slurm_conf"], DS_LAUNCHER_ARGS="--launcher=slurm")
+        # a MASSL_* value with a space and a user variable reach every rank as they are
+        hook, probes = _env_probe(tmp_path)
+        env.update(PYTHONPATH=f"{hook}:{ROOT}", MASSL_TEST_PROBE_DIR=str(probes), MASSL_TEST_MARK="a mark",
+                   MY_USER_VARIABLE="user")
         cmd = ["salloc", "--nodes=2", "--ntasks-per-node=1", "--time=10:00"] + cmd[1:]
     elif shutil.which("ompi_info") is None:
         pytest.skip("needs Open MPI (apt-get install -y openmpi-bin)")
     _run(_on("node1", cmd), env, str(tmp_path / "log"), ROOT)
     assert _hosts(out) == ["node1", "node2"]
     _same_losses(out, reference)
+    if launcher == "slurm":
+        seen = sorted(p.read_text() for p in probes.iterdir())
+        assert seen == ["node1 a mark user", "node2 a mark user"], seen
 
 
 def _slurm_clients(cluster: dict, directory) -> dict:
