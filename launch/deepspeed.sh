@@ -5,7 +5,10 @@
 # node runs rank 0. The launcher reaches the other nodes over passwordless ssh (pdsh), or set
 # DS_LAUNCHER_ARGS, e.g. "--launcher openmpi" (mpirun) or "--launcher slurm" (srun, inside an
 # allocation), "--master_port 29600", "--include host1:0,1". With a single host in HOSTFILE the run
-# is local: no ssh, rendezvous at 127.0.0.1. Ranks and the rendezvous address: docs/multinode.md.
+# is local: no ssh, rendezvous at 127.0.0.1. With "--launcher slurm", run it inside an allocation of
+# the hostfile's nodes (salloc); the ranks meet at the first node of srun's step (no MASTER_ADDR is
+# passed), and srun ends every rank once one fails (SLURM_KILL_BAD_EXIT=1 unless already set).
+# Ranks and the rendezvous address: docs/multinode.md.
 # Environment on every node: DeepSpeed's runners pass on only PYTHON*, NCCL* (GPUs) and the KEY=VAL
 # lines of ~/.deepspeed_env and ./.deepspeed_env. This script adds MASSL_*, OMP_NUM_THREADS, GLOO_*,
 # NCCL_*, PATH, the variables named in MASSL_EXPORT (e.g. MASSL_EXPORT="HF_HOME WANDB_API_KEY") and, for
@@ -70,7 +73,12 @@ if [ "$launcher" = openmpi ]; then
 fi
 # Slurm's runner starts a script path, never a module (srun python -u SCRIPT); the others, the module.
 target=(--module massl.cli)
-if [ "$launcher" = slurm ]; then target=("$here/massl_train.py"); fi
+if [ "$launcher" = slurm ]; then
+  target=("$here/massl_train.py")
+  # srun ends every rank once one fails (as train.sbatch's srun does): no rank left waiting alone
+  # for a peer that is gone (srun -K, unless SLURM_KILL_BAD_EXIT says otherwise).
+  export SLURM_KILL_BAD_EXIT=${SLURM_KILL_BAD_EXIT:-1}
+fi
 export DS_ENV_FILE=$env_file
 # shellcheck source=launch/forward_signals.sh
 source "$here/forward_signals.sh"  # stop signals reach the ranks of this node

@@ -114,6 +114,10 @@ def init_distributed(device: str = "auto") -> DistEnv:
     those (DeepSpeed) agree with us under srun or mpirun.
     """
     rank, world, local_rank = launcher_ranks()
+    # The address from the launcher's own variables, before RANK/WORLD_SIZE are exported: from then
+    # on srun's and mpirun's ranks look like torchrun's, whose MASTER_ADDR (or else 127.0.0.1) would
+    # be taken, and a rank on another host would never reach rank 0.
+    address = rendezvous_address() if world > 1 and not dist.is_initialized() else None
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     dev = resolve_device(device, local_rank)
@@ -123,7 +127,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     group = None
     if world > 1:
         if not dist.is_initialized():
-            os.environ["MASTER_ADDR"] = rendezvous_address()
+            os.environ["MASTER_ADDR"] = address
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group(
                 backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world,

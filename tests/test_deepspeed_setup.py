@@ -13,7 +13,7 @@ import yaml
 import torch
 
 from massl.config import ConfigError, config_from_dict
-from massl.dist import DistEnv, launcher_ranks, rendezvous_address
+from massl.dist import DistEnv, LAUNCHER_VARIABLES, init_distributed, launcher_ranks, rendezvous_address
 from massl.engines.deepspeed_engine.ds_config import check_built, student_config, teacher_config
 from massl.engines.deepspeed_engine.engine import DeepSpeedEngine
 from massl.errors import UserError
@@ -213,6 +213,48 @@ def test_rendezvous_address_order(environ, expected):
 def test_mpirun_across_hosts_without_master_addr_is_a_user_error():
     with pytest.raises(UserError, match="MASTER_ADDR: .*mpirun -x MASTER_ADDR"):
         rendezvous_address({**MPIRUN, "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+
+
+@pytest.fixture
+def captured_init(monkeypatch):
+    """init_distributed in a clean launcher environment, with a process group start that only
+    records MASTER_ADDR and the ranks as it would use them (no process group)."""
+    for name in [n for names in LAUNCHER_VARIABLES for n in names] + [
+            "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "OMPI_COMM_WORLD_LOCAL_SIZE"]:
+        monkeypatch.setenv(name, "")  # noted, so that what init_distributed exports is undone after the test
+        monkeypatch.delenv(name)
+    seen = {}
+
+    def init_process_group(backend, rank, world_size, **kwargs):
+        seen.update(address=os.environ["MASTER_ADDR"], rank=rank, world=world_size, env_rank=os.environ["RANK"])
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    return seen
+
+
+@pytest.mark.parametrize("environ, address", [
+    ({**SRUN, "SLURM_STEP_NODELIST": "node[1-2]"}, "node1"),  # --launcher slurm: srun's first host
+    ({**SRUN, "MASTER_ADDR": "10.1.2.3"}, "10.1.2.3"),  # train.sbatch exports it
+    ({**MPIRUN, "MASTER_ADDR": "node1"}, "node1"),  # launch/deepspeed.sh --launcher openmpi
+])
+def test_init_distributed_takes_the_address_from_the_launchers_variables(captured_init, monkeypatch, environ,
+                                                                         address):
+    """The address is found before init_distributed exports RANK/WORLD_SIZE (after which every
+    launcher looks like torchrun): srun's ranks on two hosts once met at 127.0.0.1 and never met."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    init_distributed("cpu")
+    assert captured_init == {"address": address, "rank": 1, "world": int(environ.get("SLURM_NTASKS") or 4),
+                             "env_rank": "1"}
+
+
+def test_init_distributed_under_mpirun_across_hosts_without_master_addr_is_a_user_error(captured_init, monkeypatch):
+    for name, value in {**MPIRUN, "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="MASTER_ADDR: .*mpirun -x MASTER_ADDR"):
+        init_distributed("cpu")
+    assert captured_init == {}
 
 
 def test_deepspeed_launcher_with_a_hostfile_trains_two_processes(tmp_path):

@@ -31,7 +31,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("massl-train", "massl-eval", "massl-export", "massl-shard", "massl-report", "python", "bash", "torchrun",
-            "srun", "sbatch", "scancel", "export", "launch/", "scripts/")
+            "srun", "salloc", "sbatch", "scancel", "export", "launch/", "scripts/")
 
 RUN, RUN_WITH, PARSE, SKIP = "run", "run_with", "parse", "skip"
 FAKE_DATA = {"/data/imagenet/train": "data/digits/train", "/data/imagenet/val": "data/digits/val",
@@ -93,6 +93,10 @@ COMMANDS = {
         (PARSE, "2 GPU nodes; tests/test_multinode.py runs torchrun.sh with NNODES=2 on the two-node test cluster"),
     "launch/deepspeed.sh hostfile configs/vit_base.yaml engine.zero_stage=2 data.path=...":
         (PARSE, "GPU nodes; tests/test_multinode.py runs deepspeed.sh with a two-host hostfile"),
+    "DS_LAUNCHER_ARGS=--launcher=slurm salloc --nodes=2 --ntasks-per-node=8 launch/deepspeed.sh hostfile "
+    "configs/vit_base.yaml data.path=...":
+        (PARSE, "GPU nodes under Slurm; tests/test_multinode.py runs it with one task per node on the two-node "
+                "test cluster"),
     "scripts/test_cluster.sh up 2": (SKIP, "namespaces, sshd and Slurm as root; tests/test_multinode.py runs it"),
     "scripts/test_cluster.sh exec node2 hostname": (SKIP, "on the cluster above (tests/test_multinode.py)"),
     "scripts/test_cluster.sh exec node1 launch/deepspeed.sh PATH-FROM-UP configs/quickstart.yaml":

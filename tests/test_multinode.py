@@ -136,6 +136,15 @@ def test_the_cluster_has_two_named_nodes_reaching_each_other_over_ssh(cluster):
     assert cluster["node1"] != cluster["node2"]
 
 
+def _env_probe(directory):
+    """(folder for PYTHONPATH, folder of the probes): ENV_PROBE in every rank's interpreter."""
+    hook, probes = directory / "hook", directory / "probes"
+    hook.mkdir()
+    probes.mkdir()
+    (hook / "sitecustomize.py").write_text(ENV_PROBE)
+    return hook, probes
+
+
 def _two_node_hostfile(directory) -> str:
     """One process per node: the world size of the one-node references (2)."""
     path = directory / "hostfile2"
@@ -225,10 +234,7 @@ def test_deepspeed_pdsh_on_two_nodes_matches_one_node_and_passes_the_environment
     """DeepSpeed's default (pdsh) runner over ssh to both nodes, ZeRO-2; MASSL_* and a variable named
     in MASSL_EXPORT reach the rank on node2, whose environment otherwise comes from sshd."""
     reference, config = deepspeed_reference
-    hook, probes = tmp_path / "hook", tmp_path / "probes"
-    hook.mkdir()
-    probes.mkdir()
-    (hook / "sitecustomize.py").write_text(ENV_PROBE)
+    hook, probes = _env_probe(tmp_path)
     out = str(tmp_path / "run")
     env = _env(cluster, DEEPSPEED=_deepspeed_launcher(), PYTHONPATH=f"{hook}:{ROOT}",
                MASSL_TEST_PROBE_DIR=str(probes), MASSL_TEST_MARK="mark", MY_USER_VARIABLE="user")
@@ -241,8 +247,7 @@ def test_deepspeed_pdsh_on_two_nodes_matches_one_node_and_passes_the_environment
     assert seen == ["node1 mark user", "node2 mark user"], seen
 
 
-@pytest.mark.parametrize("launcher", ["openmpi", pytest.param("slurm", marks=pytest.mark.skip(
-    reason="not yet seen passing: on the test cluster the two srun ranks stall at the rendezvous (docs/multinode.md)"))])
+@pytest.mark.parametrize("launcher", ["openmpi", "slurm"])
 def test_deepspeed_mpirun_and_srun_on_two_nodes_match_one_node(cluster, deepspeed_reference, tmp_path, launcher):
     """`--launcher openmpi` (no MASTER_ADDR from mpirun: launch/deepspeed.sh passes the hostfile's
     first host) and `--launcher slurm` inside a 2-node allocation (a script, not a module; the
@@ -251,18 +256,28 @@ def test_deepspeed_mpirun_and_srun_on_two_nodes_match_one_node(cluster, deepspee
     out = str(tmp_path / "run")
     env = _env(cluster, DEEPSPEED=_deepspeed_launcher(), DS_LAUNCHER_ARGS=f"--launcher {launcher}",
                # Open MPI refuses root unless told; a private test machine
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               # a rank that cannot reach rank 0 fails in 2 minutes, not 30
+               MASSL_DIST_TIMEOUT_MIN="2")
     cmd = ["bash", "launch/deepspeed.sh", _two_node_hostfile(tmp_path), config, f"run.output_dir={out}"]
     if launcher == "slurm":
         if "slurm_conf" not in cluster:
             pytest.skip("needs Slurm in the test cluster (apt-get install -y slurm-wlm munge)")
-        env["SLURM_CONF"] = cluster["slurm_conf"]
-        cmd = ["salloc", "--nodes=2", "--ntasks-per-node=1", "--time=10:00"] + cmd
+        # as docs/multinode.md shows it: DS_LAUNCHER_ARGS=--launcher=slurm salloc ... launch/deepspeed.sh ...
+        env.update(SLURM_CONF=cluster["slurm_conf"], DS_LAUNCHER_ARGS="--launcher=slurm")
+        # a MASSL_* value with a space and a user variable reach every rank as they are
+        hook, probes = _env_probe(tmp_path)
+        env.update(PYTHONPATH=f"{hook}:{ROOT}", MASSL_TEST_PROBE_DIR=str(probes), MASSL_TEST_MARK="a mark",
+                   MY_USER_VARIABLE="user")
+        cmd = ["salloc", "--nodes=2", "--ntasks-per-node=1", "--time=10:00"] + cmd[1:]
     elif shutil.which("ompi_info") is None:
         pytest.skip("needs Open MPI (apt-get install -y openmpi-bin)")
     _run(_on("node1", cmd), env, str(tmp_path / "log"), ROOT)
     assert _hosts(out) == ["node1", "node2"]
     _same_losses(out, reference)
+    if launcher == "slurm":
+        seen = sorted(p.read_text() for p in probes.iterdir())
+        assert seen == ["node1 a mark user", "node2 a mark user"], seen
 
 
 def _slurm_clients(cluster: dict, directory) -> dict:
