@@ -9,6 +9,8 @@ float64 and averaged over the ranks, are clipped in float64. The engine's gradie
 update of the fp32 master must match them to 1e-6 and 1e-5 relative (fp32 gives ~1e-7);
 gradients averaged, held or clipped in bf16 are off by ~5e-6 (norm) and ~4e-3 (update: bf16
 keeps 8 significant bits).
+A bf16 ZeRO-1 checkpoint (the stage whose optimizer the engine chooses itself) resumes at W=2 and
+at W=1.
 """
 from __future__ import annotations
 
