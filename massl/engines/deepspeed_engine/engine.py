@@ -4,7 +4,8 @@
   client optimizer; lr and weight decay are written into its groups every step, identified by
   massl's `apply_wd` key (DeepSpeed's groups hold flat partitions, not the parameters).
 - Precision: fp32, or DeepSpeed's bf16 / fp16 modes (low-precision module weights, fp32 master in
-  the optimizer, fp16 with DeepSpeed's dynamic loss scaling). Inputs are cast to the weights'
+  the optimizer, fp16 with DeepSpeed's dynamic loss scaling; bf16 gradients averaged and held
+  in fp32 at every ZeRO stage, so the clipping reads fp32). Inputs are cast to the weights'
   dtype, as FSDP2's policy does; no autocast on top. A step DeepSpeed skips (fp16 overflow, or a
   non-finite bf16 gradient) is counted (`skipped_steps`) and moves neither teacher nor memory.
 - Clipping: between backward and step, on the averaged gradients' local fragments: one
