@@ -69,6 +69,14 @@ def test_user_ds_config_repeating_massls_values_is_accepted(tmp_path):
     _check(_with_ds_config(tmp_path, {"bf16": {"enabled": True}}), precision="bf16")
 
 
+def test_bf16_gradients_stay_fp32(tmp_path):
+    """In bf16 massl has DeepSpeed hold the gradients in fp32 (data_types.grad_accum_dtype, for its
+    exact clipping): a ds_config may repeat that, not change it."""
+    _check(_with_ds_config(tmp_path, {"data_types": {"grad_accum_dtype": "fp32"}}), precision="bf16")
+    with pytest.raises(ConfigError, match="'data_types.grad_accum_dtype' to 'bf16'.*run.precision"):
+        _check(_with_ds_config(tmp_path, {"data_types": {"grad_accum_dtype": "bf16"}}), precision="bf16")
+
+
 # (options, the key named, ZeRO stage): each would train wrong or crash if DeepSpeed ran it
 REFUSED = [
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "zero_optimization.offload_optimizer", 3),
@@ -121,6 +129,7 @@ def test_user_ds_config_is_merged_into_massls(tmp_path):
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size and ds["gradient_accumulation_steps"] == 1
     assert ds["gradient_clipping"] == 0.0 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["communication_data_type"] == "bf16" and "optimizer" not in ds and "scheduler" not in ds
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # the user's communication dtype, massl's gradients
     assert ds["timers"]["throughput"] == {"enabled": False, "synchronized": False}  # its device syncs
     teacher = teacher_config(ds)
     assert "stage3_param_persistence_threshold" not in teacher["zero_optimization"]  # DeepSpeed's, as the student's

@@ -204,7 +204,10 @@ def _massl_config(cfg: Config, precision: str) -> dict:
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if precision == "bf16":
-        ds["communication_data_type"] = "fp32"  # gradients averaged in fp32, as the fsdp engine does
+        # gradients averaged in fp32 (as the fsdp engine does) and held in fp32 until the step: the
+        # upcast bf16 gradients are summed exactly, and massl's norms and clipping see fp32 values
+        ds["communication_data_type"] = "fp32"
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
 
 

@@ -4,7 +4,8 @@
   client optimizer; lr and weight decay are written into its groups every step, identified by
   massl's `apply_wd` key (DeepSpeed's groups hold flat partitions, not the parameters).
 - Precision: fp32, or DeepSpeed's bf16 / fp16 modes (low-precision module weights, fp32 master in
-  the optimizer, fp16 with DeepSpeed's dynamic loss scaling). Inputs are cast to the weights'
+  the optimizer, fp16 with DeepSpeed's dynamic loss scaling; bf16 gradients averaged and held
+  in fp32 at every ZeRO stage, so the clipping reads fp32). Inputs are cast to the weights'
   dtype, as FSDP2's policy does; no autocast on top. A step DeepSpeed skips (fp16 overflow, or a
   non-finite bf16 gradient) is counted (`skipped_steps`) and moves neither teacher nor memory.
 - Clipping: between backward and step, on the averaged gradients' local fragments: one
@@ -116,6 +117,36 @@ def _names_without_checkpoint_wrapper(ds) -> None:
         ds.optimizer._param_slice_mappings = ds.optimizer._create_param_mapping()
 
 
+@contextlib.contextmanager
+def _zero_optimizer_for_fp32_grads(active: bool):
+    """DeepSpeed 0.19.8 hands ZeRO-1 with bf16 weights and fp32 gradients to its BF16_Optimizer,
+    whose flat buffers, fragment maps and checkpoints differ from ZeRO-1's (and which refuses
+    compute_grad_norm=false). Its ZeRO-1/2 optimizer holds fp32 gradient partitions itself (the
+    path ZeRO-2 takes), so while `active` the choice of wrapper is made as if the gradients were
+    bf16: ZeRO-1 keeps DeepSpeed's ZeRO optimizer, built with fp32 gradients. The test of bf16
+    clipping against float64 checks that the gradients it ends with are fp32 and exact."""
+    if not active:
+        yield
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine as _DS
+
+    choose = _DS._do_optimizer_sanity_check
+
+    def choose_as_bf16(ds, basic_optimizer):
+        model_dtype, _ = ds.get_data_types()
+        ds.get_data_types = lambda: (model_dtype, model_dtype)  # seen by the wrapper's choice only
+        try:
+            return choose(ds, basic_optimizer)
+        finally:
+            del ds.get_data_types
+
+    _DS._do_optimizer_sanity_check = choose_as_bf16
+    try:
+        yield
+    finally:
+        _DS._do_optimizer_sanity_check = choose
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     checkpoint_format = checkpoint.FORMAT
@@ -154,8 +185,9 @@ class DeepSpeedEngine(Engine):
                         b.data = b.data.to(self.dtype)
         names = [n for n, _ in teacher.named_parameters()]
         initial = [t.detach().to("cpu", copy=True) for t in teacher.parameters()] if self.stage == 3 else None
-        self.ds, *_ = self.deepspeed.initialize(model=student, optimizer=optimizer, config=self.config,
-                                                 dist_init_required=False)
+        with _zero_optimizer_for_fp32_grads(self.stage == 1 and self.precision == "bf16"):
+            self.ds, *_ = self.deepspeed.initialize(model=student, optimizer=optimizer, config=self.config,
+                                                     dist_init_required=False)
         _names_without_checkpoint_wrapper(self.ds)
         if self.stage == 3:
             self.teacher_ds, *_ = self.deepspeed.initialize(model=teacher, config=ds_config.teacher_config(self.config),
@@ -180,6 +212,8 @@ class DeepSpeedEngine(Engine):
             (ds.bfloat16_enabled() == (self.precision == "bf16") and ds.fp16_enabled() == (self.precision == "fp16"),
              f"precision {self.precision}"),
             (self.precision != "bf16" or ds._config.bfloat16_config.check_grad_overflow, "bf16 overflow check on"),
+            (self.precision != "bf16" or getattr(opt, "gradient_accumulation_dtype", None) == torch.float32,
+             "bf16 gradients averaged and held in fp32 by its ZeRO optimizer"),
             (next(self.student_module.parameters()).dtype == self.dtype, f"student weights in {self.dtype}"),
         ]
         for ok, what in checks:

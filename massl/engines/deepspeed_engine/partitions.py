@@ -66,7 +66,9 @@ class Stage12:
     def grad_fragments(self) -> list[torch.Tensor]:
         """This rank's part of each parameter's averaged gradient (empty where it holds none); writing
         into them changes what the optimiser step will see. Valid between backward and step."""
-        empty = torch.empty(0, device=self.params[0].device, dtype=self.params[0].dtype)
+        # in the gradients' dtype (fp32 in bf16 runs): clip_grads_ casts a global scale to the first one's
+        dtype = getattr(self.opt, "gradient_accumulation_dtype", None) or self.params[0].dtype
+        empty = torch.empty(0, device=self.params[0].device, dtype=dtype)
         return [p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group) if p._hp_mapping is not None else empty
                 for p in self.params]
 
