@@ -1,0 +1,65 @@
+"""The deepspeed engine at ZeRO-3 builds student and teacher already partitioned (zero.Init): the
+modules it receives hold no whole parameter on any rank, and their weights are those of a plain
+build from the same seed (the ddp engine's), element for element, also with model.init_from.
+
+One pair of gloo processes (W=2, tiny ViT with a BatchNorm head, fp32) builds two runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from massl.config import config_from_dict
+from massl.dist import init_distributed
+from massl.models import build_student_teacher
+from tests.distributed import run_ranks
+from tests.engines_common import tiny_config
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow  # two processes start DeepSpeed (about 20 s on two busy cores)
+
+
+def _build(rank, world, cfg_dicts: list) -> list:
+    """Per config: the parameters the engine received whole on this rank, the student gathered, the teacher."""
+    from massl.engines.deepspeed_engine.engine import DeepSpeedEngine
+    from massl.train import build_step
+
+    received = {}
+    original = DeepSpeedEngine.__init__
+
+    def spy(self, cfg, env, student, teacher):
+        received["whole"] = [n for n, p in [*student.named_parameters(), *teacher.named_parameters()] if p.numel()]
+        original(self, cfg, env, student, teacher)
+
+    DeepSpeedEngine.__init__ = spy
+    results = []
+    for cfg_dict in cfg_dicts:
+        cfg = config_from_dict(cfg_dict)
+        engine, _ = build_step(cfg, init_distributed(cfg.run.device))
+        with engine.deepspeed.zero.GatheredParameters(list(engine.student_module.parameters())):
+            student = {k: v.clone() for k, v in engine.student_module.state_dict().items()}
+        results.append({"whole": received["whole"], "student": student, "teacher": engine.teacher_state_dict()})
+    return results
+
+
+def _plain(cfg_dict, seed: int) -> dict:
+    torch.manual_seed(seed)
+    return build_student_teacher(config_from_dict(cfg_dict))[0].state_dict()
+
+
+def test_zero3_builds_partitioned_models_with_the_plain_weights(tmp_path):
+    seed_run = tiny_config(str(tmp_path), str(tmp_path / "seed"), "deepspeed", 2, engine={"zero_stage": 3})
+    weights = str(tmp_path / "teacher.safetensors")  # a massl teacher file (backbone.*, head.*) of another seed
+    save_file({k: v.contiguous() for k, v in _plain(seed_run, 1).items()}, weights)
+    init_run = tiny_config(str(tmp_path), str(tmp_path / "init"), "deepspeed", 2, engine={"zero_stage": 3},
+                           model={"init_from": weights})
+    per_rank = run_ranks(_build, 2, [seed_run, init_run], timeout=900)
+    for what, expected, got in (("seed", _plain(seed_run, 0), per_rank[0][0]),
+                                ("init_from", _plain(seed_run, 1), per_rank[0][1])):
+        for rank in range(2):
+            assert per_rank[rank][0 if what == "seed" else 1]["whole"] == [], (what, rank)
+        params = {k for k in expected if "running" not in k and "num_batches" not in k}
+        assert got["student"].keys() == expected.keys(), what
+        for k in params:
+            assert torch.equal(got["student"][k], expected[k]), (what, "student", k)
+            assert torch.equal(got["teacher"][k], expected[k]), (what, "teacher", k)
