@@ -1,6 +1,7 @@
 """The deepspeed engine at ZeRO-3 builds student and teacher already partitioned (zero.Init): the
-modules it receives hold no whole parameter on any rank, and their weights are those of a plain
-build from the same seed (the ddp engine's), element for element, also with model.init_from.
+modules it receives hold no whole parameter on any rank, their weights are those of a plain build
+from the same seed (the ddp engine's), element for element, also with model.init_from, and weight
+decay goes to the same parameters.
 
 One pair of gloo processes (W=2, tiny ViT with a BatchNorm head, fp32) builds two runs."""
 from __future__ import annotations
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 from massl.config import config_from_dict
 from massl.dist import init_distributed
 from massl.models import build_student_teacher
+from massl.optim import param_groups
 from tests.distributed import run_ranks
 from tests.engines_common import tiny_config
 
@@ -38,13 +40,18 @@ def _build(rank, world, cfg_dicts: list) -> list:
         engine, _ = build_step(cfg, init_distributed(cfg.run.device))
         with engine.deepspeed.zero.GatheredParameters(list(engine.student_module.parameters())):
             student = {k: v.clone() for k, v in engine.student_module.state_dict().items()}
-        results.append({"whole": received["whole"], "student": student, "teacher": engine.teacher_state_dict()})
+        results.append({"whole": received["whole"], "student": student, "teacher": engine.teacher_state_dict(),
+                        "groups": [len(g) for g in engine.ds.optimizer.fp16_groups]})
     return results
 
 
 def _plain(cfg_dict, seed: int) -> dict:
+    return _plain_student(cfg_dict, seed).state_dict()
+
+
+def _plain_student(cfg_dict, seed: int):
     torch.manual_seed(seed)
-    return build_student_teacher(config_from_dict(cfg_dict))[0].state_dict()
+    return build_student_teacher(config_from_dict(cfg_dict))[0]
 
 
 def test_zero3_builds_partitioned_models_with_the_plain_weights(tmp_path):
@@ -58,6 +65,8 @@ def test_zero3_builds_partitioned_models_with_the_plain_weights(tmp_path):
                                 ("init_from", _plain(seed_run, 1), per_rank[0][1])):
         for rank in range(2):
             assert per_rank[rank][0 if what == "seed" else 1]["whole"] == [], (what, rank)
+        # weight decay on the parameters of 2+ dims only, as in a plain build (a partitioned one has no dims)
+        assert got["groups"] == [len(g["params"]) for g in param_groups(_plain_student(seed_run, 0))], what
         params = {k for k in expected if "running" not in k and "num_batches" not in k}
         assert got["student"].keys() == expected.keys(), what
         for k in params:
