@@ -15,13 +15,14 @@ cast afterwards (`cast_partitions_`), as DeepSpeed casts a plain module.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 
-def is_partitioned(param: torch.Tensor) -> bool:
+def is_partitioned(param: Any) -> bool:
     """Whether ZeRO-3 split `param` over the ranks (its whole value is not on this rank)."""
     return hasattr(param, "ds_id") and param.ds_status.name == "NOT_AVAILABLE"
 
@@ -65,7 +66,8 @@ def prepartitioned(module: nn.Module) -> bool:
 def cast_partitions_(module: nn.Module, dtype: torch.dtype) -> None:
     """The partitions of `module`'s (partitioned) parameters cast to `dtype`, as DeepSpeed's bf16/fp16
     modes cast a plain module's weights (it only checks a zero.Init model's dtype)."""
-    for p in module.parameters():
+    params: list[Any] = list(module.parameters())  # ZeRO-3 parameters (ds_tensor: this rank's piece)
+    for p in params:
         if p.ds_tensor.dtype != dtype:
             p.ds_tensor.data = p.ds_tensor.data.to(dtype)
             p.data = p.data.to(dtype)
