@@ -225,13 +225,14 @@ def run_build(args) -> list[dict]:
     rows = []
     print(f"build + {args.build_steps} training steps, {args.build_arch} fp32 AdamW, {args.build_img} px, 1 image/rank, "
           f"W=2, cpu\n{'engine':<12} {'peak MiB/rank':>13} {'x ddp':>6} {'build s':>8} {'total s':>8} {'loss':>8}")
-    for name in ("ddp", "deepspeed"):
+    for name in args.build_engines:
         cfg = {"engine": name, "arch": args.build_arch, "img": args.build_img, "steps": args.build_steps,
                "threads": args.threads}
         results = run_local_ranks(_build_rank, 2, cfg, timeout=args.timeout)
         row = {"engine": "ddp" if name == "ddp" else "deepspeed zero3", "peak_mib": max(r[0] for r in results) / 2**20,
                "build_s": max(r[1] for r in results), "total_s": max(r[2] for r in results), "loss": results[0][3]}
-        row["peak_ratio"] = row["peak_mib"] / rows[0]["peak_mib"] if rows else 1.0
+        ddp = [r for r in rows if r["engine"] == "ddp"] + ([row] if name == "ddp" else [])
+        row["peak_ratio"] = row["peak_mib"] / ddp[0]["peak_mib"] if ddp else float("nan")
         rows.append(row)
         print(f"{row['engine']:<12} {row['peak_mib']:>13.0f} {row['peak_ratio']:>6.2f} {row['build_s']:>8.1f} "
               f"{row['total_s']:>8.1f} {row['loss']:>8.4f}", flush=True)
@@ -285,6 +286,8 @@ def main(argv=None) -> None:
     parser.add_argument("--build-arch", default="vit_large", help="model.arch of the --build rows")
     parser.add_argument("--build-img", type=int, default=224, help="global crop size of the --build rows")
     parser.add_argument("--build-steps", type=int, default=2, help="training steps of the --build rows")
+    parser.add_argument("--build-engines", type=lambda t: t.split(","), default=["ddp", "deepspeed"],
+                        help="comma list of the --build rows' engines (ddp, deepspeed; ZeRO-3)")
     args = parser.parse_args(argv)
     args.worlds = args.worlds or ([1, 2] if args.device == "cpu" else [1])
     if args.build:
