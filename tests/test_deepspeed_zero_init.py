@@ -3,7 +3,8 @@ modules it receives hold no whole parameter on any rank, their weights are those
 from the same seed (the ddp engine's), element for element, also with model.init_from, and weight
 decay goes to the same parameters.
 
-One pair of gloo processes (W=2, tiny ViT with a BatchNorm head, fp32) builds two runs."""
+One pair of gloo processes (W=2, tiny ViT with a BatchNorm head) builds three runs: fp32, fp32 with
+model.init_from, bf16."""
 from __future__ import annotations
 
 import pytest
@@ -60,15 +61,21 @@ def test_zero3_builds_partitioned_models_with_the_plain_weights(tmp_path):
     save_file({k: v.contiguous() for k, v in _plain(seed_run, 1).items()}, weights)
     init_run = tiny_config(str(tmp_path), str(tmp_path / "init"), "deepspeed", 2, engine={"zero_stage": 3},
                            model={"init_from": weights})
-    per_rank = run_ranks(_build, 2, [seed_run, init_run], timeout=900)
-    for what, expected, got in (("seed", _plain(seed_run, 0), per_rank[0][0]),
-                                ("init_from", _plain(seed_run, 1), per_rank[0][1])):
+    bf16_run = tiny_config(str(tmp_path), str(tmp_path / "bf16"), "deepspeed", 2, engine={"zero_stage": 3},
+                           run={"precision": "bf16"})
+    per_rank = run_ranks(_build, 2, [seed_run, init_run, bf16_run], timeout=900)
+    # (name, the plain build's weights, the student's dtype: bf16 mode casts the weights, as DeepSpeed
+    # casts a plain module; the teacher file holds the fp32 EMA accumulator)
+    cases = [("seed", _plain(seed_run, 0), torch.float32), ("init_from", _plain(seed_run, 1), torch.float32),
+             ("bf16", _plain(seed_run, 0), torch.bfloat16)]
+    for i, (what, expected, dtype) in enumerate(cases):
+        got = per_rank[0][i]
         for rank in range(2):
-            assert per_rank[rank][0 if what == "seed" else 1]["whole"] == [], (what, rank)
+            assert per_rank[rank][i]["whole"] == [], (what, rank)
         # weight decay on the parameters of 2+ dims only, as in a plain build (a partitioned one has no dims)
         assert got["groups"] == [len(g["params"]) for g in param_groups(_plain_student(seed_run, 0))], what
         params = {k for k in expected if "running" not in k and "num_batches" not in k}
         assert got["student"].keys() == expected.keys(), what
         for k in params:
-            assert torch.equal(got["student"][k], expected[k]), (what, "student", k)
+            assert torch.equal(got["student"][k], expected[k].to(dtype)), (what, "student", k)
             assert torch.equal(got["teacher"][k], expected[k]), (what, "teacher", k)
