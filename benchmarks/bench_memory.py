@@ -25,6 +25,14 @@ the main rank one tensor at a time: the other ranks add about one parameter, the
 teacher it writes (on its CPU).
 
     python benchmarks/bench_memory.py --save --save-arch vit_small
+
+With `--build`, instead: the peak resident set per rank (VmHWM above the resident set after the
+imports and the process group) of building student and teacher as a run does (`build_step`) and
+taking `--build-steps` training steps (AdamW, fp32, one image per rank, two global crops of
+`--build-img` px, no local crops), W=2, engine ddp against deepspeed ZeRO-3 (which builds the
+models partitioned, with zero.Init), each in fresh processes; the ratio is ZeRO-3 / ddp.
+
+    python benchmarks/bench_memory.py --build --build-arch vit_large
 """
 from __future__ import annotations
 
@@ -178,6 +186,59 @@ def run_save(args) -> list[dict]:
     return rows
 
 
+def _build_rank(rank, world, cfg):
+    """Build engine and objective as a run does, then take a few steps; this rank's peak RSS above the start."""
+    import torch
+
+    from massl.config import config_from_dict
+    from massl.dist import init_distributed
+    from massl.schedules import Hyper
+    from massl.train import build_step, train_step
+
+    torch.set_num_threads(cfg["threads"])
+    engine = {"name": cfg["engine"], **({"zero_stage": 3} if cfg["engine"] == "deepspeed" else {})}
+    run = config_from_dict({"run": {"device": "cpu", "precision": "fp32", "seed": 0},
+                            "model": {"arch": cfg["arch"], "patch_size": 16}, "engine": engine,
+                            "optim": {"name": "adamw"}, "memory": {"size": 64, "partition_size": 32},
+                            "data": {"batch_size": 1, "global_crop_size": cfg["img"], "local_crops_number": 0}},
+                           check_paths=False)
+    env = init_distributed("cpu")
+    torch.distributed.barrier()
+    g = torch.Generator().manual_seed(rank)
+    crops = [torch.randn(1, 3, cfg["img"], cfg["img"], generator=g) for _ in range(2)]
+    h = Hyper(lr=1e-4, wd=0.04, teacher_momentum=0.996, teacher_temp=0.04)
+    with _PeakMemory(env.device) as peak:
+        start = time.perf_counter()
+        engine, objective = build_step(run, env)
+        built = time.perf_counter() - start
+        for step in range(cfg["steps"]):
+            out = train_step(engine, objective, crops, step, h)
+        loss = float(out["loss"])
+        torch.distributed.barrier()
+    return peak.peak, built, time.perf_counter() - start, loss
+
+
+def run_build(args) -> list[dict]:
+    from massl.testing import run_local_ranks
+
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    rows = []
+    print(f"build + {args.build_steps} training steps, {args.build_arch} fp32 AdamW, {args.build_img} px, 1 image/rank, "
+          f"W=2, cpu\n{'engine':<12} {'peak MiB/rank':>13} {'x ddp':>6} {'build s':>8} {'total s':>8} {'loss':>8}")
+    for name in args.build_engines:
+        cfg = {"engine": name, "arch": args.build_arch, "img": args.build_img, "steps": args.build_steps,
+               "threads": args.threads}
+        results = run_local_ranks(_build_rank, 2, cfg, timeout=args.timeout)
+        row = {"engine": "ddp" if name == "ddp" else "deepspeed zero3", "peak_mib": max(r[0] for r in results) / 2**20,
+               "build_s": max(r[1] for r in results), "total_s": max(r[2] for r in results), "loss": results[0][3]}
+        ddp = [r for r in rows if r["engine"] == "ddp"] + ([row] if name == "ddp" else [])
+        row["peak_ratio"] = row["peak_mib"] / ddp[0]["peak_mib"] if ddp else float("nan")
+        rows.append(row)
+        print(f"{row['engine']:<12} {row['peak_mib']:>13.0f} {row['peak_ratio']:>6.2f} {row['build_s']:>8.1f} "
+              f"{row['total_s']:>8.1f} {row['loss']:>8.4f}", flush=True)
+    return rows
+
+
 def _configs(args) -> list[dict]:
     base = {k: getattr(args, k) for k in ("device", "size", "dim", "views", "batch", "partition_size",
                                           "iters", "warmup", "threads", "timeout")}
@@ -220,8 +281,27 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/bench_memory_<device>.json)")
     parser.add_argument("--save", action="store_true", help="measure a deepspeed checkpoint save instead (W=2)")
     parser.add_argument("--save-arch", default="vit_small", help="model.arch of the --save rows")
+    parser.add_argument("--build", action="store_true",
+                        help="measure building the models and training steps instead (W=2, ddp vs ZeRO-3)")
+    parser.add_argument("--build-arch", default="vit_large", help="model.arch of the --build rows")
+    parser.add_argument("--build-img", type=int, default=224, help="global crop size of the --build rows")
+    parser.add_argument("--build-steps", type=int, default=2, help="training steps of the --build rows")
+    parser.add_argument("--build-engines", type=lambda t: t.split(","), default=["ddp", "deepspeed"],
+                        help="comma list of the --build rows' engines (ddp, deepspeed; ZeRO-3)")
     args = parser.parse_args(argv)
     args.worlds = args.worlds or ([1, 2] if args.device == "cpu" else [1])
+    if args.build:
+        rows = run_build(args)
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_memory_build.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"benchmark": "build student and teacher + training steps, peak RSS per rank, ddp vs ZeRO-3",
+                       "date": datetime.date.today().isoformat(), "machine": _machine("cpu"),
+                       "arch": args.build_arch, "img": args.build_img, "steps": args.build_steps, "world_size": 2,
+                       "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]},
+                      f, indent=1)
+        print(f"wrote {out}")
+        return
     if args.save:
         rows = run_save(args)
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_memory_save.json")

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .config import Config, ConfigError
 from .logging import log
-from .models import SSLNet, build_student_teacher
+from .models import SSLNet, build_student_teacher, copy_weights_
 
 TIMM_CLASSIFIER = ("head.weight", "head.bias")
 WRAPPERS = ("state_dict", "model", "teacher")  # a training script's dict around the weights
@@ -65,10 +65,20 @@ def load_strict(module: nn.Module, state: dict, path: str, what: str) -> None:
     from .checkpoint.reader import state_mismatches
 
     own = module.state_dict()
+    # ZeRO-3 partitioned at construction (deepspeed engine): the whole shapes are in ds_shape
+    own.update({n: torch.empty(p.ds_shape, dtype=p.dtype, device="meta")
+                for n, p in module.named_parameters() if hasattr(p, "ds_shape")})
     problems = state_mismatches(own, state, SHOWN)
     if problems:
         raise ConfigError(f"model.init_from: {path} does not fit the {what} that the model.* keys describe: "
                           f"{'; '.join(problems)}; set model.arch, model.patch_size, ... to the weights' model")
+    if any(hasattr(p, "ds_shape") for p in module.parameters()):
+        # built by the deepspeed engine's partitioned_build, whose context makes a copy_ into a
+        # partitioned parameter act on the whole parameter
+        with torch.no_grad():
+            for n, t in [*module.named_parameters(), *module.named_buffers()]:
+                t.copy_(state[n].to(t.dtype))
+        return
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -106,5 +116,5 @@ def initial_student_teacher(cfg: Config) -> tuple[SSLNet, SSLNet]:
     student, teacher = build_student_teacher(cfg)
     if cfg.model.init_from:
         init_from([student], cfg.model.init_from, cfg.model.init_from_trust)
-        teacher.load_state_dict(student.state_dict())
+        copy_weights_(teacher, student)
     return student, teacher

@@ -132,6 +132,20 @@ def build_student_teacher(cfg: Config) -> tuple[SSLNet, SSLNet]:
         return SSLNet(backbone, head)
 
     student, teacher = make(m.drop_path), make(0.0)
-    teacher.load_state_dict(student.state_dict())
+    copy_weights_(teacher, student)
     teacher.requires_grad_(False)
     return student, teacher
+
+
+@torch.no_grad()
+def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
+    """`dst`'s parameters and buffers := `src`'s (the same architecture). Parameters that DeepSpeed's
+    ZeRO-3 partitioned at construction (they carry `ds_tensor`, this rank's piece) are copied piece
+    by piece: same shapes give the same layout, so no rank needs a whole parameter."""
+    if not any(hasattr(p, "ds_tensor") for p in src.parameters()):
+        dst.load_state_dict(src.state_dict())
+        return
+    for d, s in zip(dst.parameters(), src.parameters()):
+        d.ds_tensor.copy_(s.ds_tensor)
+    for d, s in zip(dst.buffers(), src.buffers()):
+        d.copy_(s)

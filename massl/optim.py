@@ -20,8 +20,8 @@ def param_groups(model: nn.Module) -> list[dict]:
     none; the CLS token and position embedding ([1, n, d]) do decay."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+        if p.requires_grad:  # (a parameter ZeRO-3 partitioned at construction keeps its shape in ds_shape)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 

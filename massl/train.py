@@ -21,7 +21,7 @@ from .config import Config, ConfigError, validate
 from .data import DataSource, build_data
 from .data.watch import DataTimeoutError, timeout_message
 from .dist import DistEnv, all_reduce_, barrier, describe_hosts, init_distributed, rank_hosts
-from .engines import Engine, build_engine, engine_class
+from .engines import Engine, build_engine_from, engine_class
 from .errors import UserError
 from .eval.periodic import PeriodicKNN
 from .fileio import write_text_atomic
@@ -86,7 +86,7 @@ def build_step(cfg: Config, env: DistEnv) -> tuple[Engine, MaSSLObjective]:
     """What `train_step` needs, as a run builds it: the engine over a student and teacher
     initialised from run.seed (identical on every rank), and the objective with its memory."""
     torch.manual_seed(cfg.run.seed)
-    engine = build_engine(cfg, env, *initial_student_teacher(cfg))
+    engine = build_engine_from(cfg, env, initial_student_teacher)
     return engine, MaSSLObjective.from_config(cfg, env)
 
 

@@ -6,6 +6,7 @@ format, with which the tools read a teacher without a process group.
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 import torch.nn as nn
 
@@ -44,6 +45,16 @@ def build_engine(cfg: Config, env: DistEnv, student: nn.Module, teacher: nn.Modu
     return engine_class(cfg.engine.name)(cfg, env, student, teacher)
 
 
+def build_engine_from(cfg: Config, env: DistEnv,
+                      build_models: Callable[[Config], tuple[nn.Module, nn.Module]]) -> Engine:
+    """The engine over the student and teacher `build_models(cfg)` returns, built inside the
+    engine's `model_init` context (ZeRO-3: partitioned at construction)."""
+    cls = engine_class(cfg.engine.name)
+    with cls.model_init(cfg, env):
+        student, teacher = build_models(cfg)
+    return cls(cfg, env, student, teacher)
+
+
 def read_teacher_state_dict(checkpoint_format: str, directory: str) -> dict:
     if checkpoint_format not in TEACHER_READERS:
         raise ValueError(f"checkpoint {directory}: unknown format {checkpoint_format!r}; this version of massl reads "
@@ -51,4 +62,4 @@ def read_teacher_state_dict(checkpoint_format: str, directory: str) -> dict:
     return _load(TEACHER_READERS[checkpoint_format])(directory)
 
 
-__all__ = ["Engine", "ENGINES", "build_engine", "engine_class", "read_teacher_state_dict"]
+__all__ = ["Engine", "ENGINES", "build_engine", "build_engine_from", "engine_class", "read_teacher_state_dict"]

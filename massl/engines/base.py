@@ -88,6 +88,12 @@ class Engine(abc.ABC):
         """Checks of the run's config that only this engine knows (ConfigError), cheap: the loop calls
         it right after config validation, before any data or model is built."""
 
+    @classmethod
+    def model_init(cls, cfg: Config, env: DistEnv) -> ContextManager[object]:
+        """The context in which student and teacher are built for this engine (build_engine_from):
+        none, or one that builds them already sharded (DeepSpeed ZeRO-3), with the same weights."""
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
     def autocast(self) -> ContextManager[object]: ...
 

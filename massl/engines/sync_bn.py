@@ -62,7 +62,14 @@ def convert_sync_batchnorm(module: nn.Module, group: Optional[dist.ProcessGroup]
             state = child.state_dict()
             if state:
                 sync.to(next(iter(state.values())).device)
-            sync.load_state_dict(state)
+            if any(hasattr(p, "ds_id") for p in child.parameters()):
+                # partitioned by DeepSpeed ZeRO-3 at construction: the same parameters, not copies
+                for pname, p in child.named_parameters(recurse=False):
+                    setattr(sync, pname, p)
+                state = {k: v for k, v in state.items() if k not in dict(child.named_parameters(recurse=False))}
+                sync.load_state_dict(state, strict=False)
+            else:
+                sync.load_state_dict(state)
             sync.requires_grad_(any(p.requires_grad for p in child.parameters()))
             setattr(module, name, sync)
         else:

@@ -30,7 +30,7 @@ from ...dist import DistEnv, process_group
 from ...optim import build_optimizer, clip_grads_, param_groups, set_hparams
 from ..base import DTYPES, Engine, resolve_precision
 from ..wrapping import wrap_models
-from . import checkpoint, ds_config
+from . import checkpoint, ds_config, zero_init
 from .partitions import Stage3, Stage12
 
 DEEPSPEED_VERSION = "0.19.8"  # the version whose ZeRO internals partitions.py reads (requirements.txt)
@@ -175,6 +175,19 @@ class DeepSpeedEngine(Engine):
         """The user's DeepSpeed file, before any data or model is built (one ConfigError naming the key)."""
         ds_config.check_user_file(cfg, env.world_size, resolve_precision(cfg.run.precision, env.device))
 
+    @classmethod
+    def model_init(cls, cfg: Config, env: DistEnv):
+        """ZeRO-3: student and teacher partitioned at construction (zero_init.py), so no rank holds a
+        whole model."""
+        if cfg.engine.zero_stage != 3:
+            return contextlib.nullcontext()
+        deepspeed = import_deepspeed(env.device)
+        for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+            os.environ.setdefault(name, str(value))
+        init_deepspeed_comm(deepspeed, env.device)
+        return zero_init.partitioned_build(deepspeed, ds_config.student_config(cfg, resolve_precision(
+            cfg.run.precision, env.device)))
+
     def _initialize(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
         """The parallel wrapper (wrapping.py's last step): DeepSpeed engines and the teacher's layout."""
         optimizer = build_optimizer(self.cfg.optim, param_groups(student))  # AdamW fused, as the other engines
@@ -184,7 +197,13 @@ class DeepSpeedEngine(Engine):
                     if b.is_floating_point():
                         b.data = b.data.to(self.dtype)
         names = [n for n, _ in teacher.named_parameters()]
-        initial = [t.detach().to("cpu", copy=True) for t in teacher.parameters()] if self.stage == 3 else None
+        prepartitioned = zero_init.prepartitioned(teacher)  # built in model_init's context
+        if prepartitioned:  # the teacher's fp32 pieces (the EMA's start), then the weights in the compute dtype
+            initial = [t.ds_tensor.detach().float().clone() for t in teacher.parameters()]
+            for model in (student, teacher):
+                zero_init.cast_partitions_(model, self.dtype)
+        else:
+            initial = [t.detach().to("cpu", copy=True) for t in teacher.parameters()] if self.stage == 3 else None
         with _zero_optimizer_for_fp32_grads(self.stage == 1 and self.precision == "bf16"):
             self.ds, *_ = self.deepspeed.initialize(model=student, optimizer=optimizer, config=self.config,
                                                      dist_init_required=False)
@@ -193,7 +212,7 @@ class DeepSpeedEngine(Engine):
             self.teacher_ds, *_ = self.deepspeed.initialize(model=teacher, config=ds_config.teacher_config(self.config),
                                                              dist_init_required=False)
             pairs = list(zip(student.parameters(), teacher.parameters(), names, initial))
-            self.partitions = Stage3(self.ds.optimizer, pairs, teacher)
+            self.partitions = Stage3(self.ds.optimizer, pairs, teacher, prepartitioned)
         else:
             self.partitions = Stage12(self.ds.optimizer, student, teacher, self.dtype)
         return student, teacher

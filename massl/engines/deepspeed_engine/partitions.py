@@ -111,9 +111,10 @@ class Stage3:
     """ZeRO-3: gradient and master pieces per parameter; the teacher engine's partitions follow the master."""
 
     def __init__(self, optimizer, pairs: list[tuple[nn.Parameter, nn.Parameter, str, torch.Tensor]],
-                 teacher: nn.Module):
+                 teacher: nn.Module, pieces: bool = False):
         """`pairs`: (student parameter, teacher parameter, teacher name, the teacher's initial fp32
-        values on the CPU), both parameters already partitioned by their engines."""
+        values on the CPU), both parameters already partitioned by their engines; with `pieces`
+        (a teacher partitioned at construction) the initial values are this rank's fp32 pieces."""
         self.opt, self.teacher = optimizer, teacher
         index = {p: (sg, j) for sg, group in enumerate(optimizer.fp16_groups) for j, p in enumerate(group)}
         if len(index) != len(pairs):
@@ -121,7 +122,7 @@ class Stage3:
         self.positions = [index[sp] for sp, *_ in pairs]
         self.student = [sp for sp, *_ in pairs]
         self.names = [name for *_, name, _ in pairs]
-        self.shapes = [init.shape for *_, init in pairs]
+        self.shapes = [tp.ds_shape for _, tp, *_ in pairs]
         self.ds_tensors = [tp.ds_tensor for _, tp, *_ in pairs]
         self.group = self.student[0].ds_process_group
         rank = dist.get_rank(self.group)
@@ -129,7 +130,7 @@ class Stage3:
         for (sp, tp, name, init), ds in zip(pairs, self.ds_tensors):
             if ds.numel() != sp.ds_tensor.numel():
                 raise RuntimeError(f"deepspeed: teacher {name} is partitioned unlike the student")
-            piece = self._piece(init, rank, ds.numel()).to(ds.device)
+            piece = (init if pieces else self._piece(init, rank, ds.numel())).to(ds.device)
             if not torch.equal(ds, piece.to(ds.dtype)):  # ZeRO-3's layout is the one assumed here
                 raise RuntimeError(f"deepspeed: teacher {name}'s partition is not elements [r*n, (r+1)*n) of it")
             accs.append(ds if ds.dtype == torch.float32 else piece.clone())
