@@ -85,3 +85,35 @@ def test_remember_enqueues_and_the_next_step_sees_it():
     torch.testing.assert_close(objective.memory.bank, reference.memory)
     assert objective.memory.ptr == reference.ptr == B
     assert not torch.allclose(objective(zs, zt, 5, HYPER).loss, before)  # the loss reads the memory as it is now
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real one-rank gloo group in this process (a run's group at world size 1), torn down after."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_from_config_takes_every_setting(scope, one_rank_group):
+    from massl.config import load_config
+    from massl.dist import DistEnv
+
+    cfg = load_config(None, [
+        "model.head_bottleneck_dim=6", "memory.size=40", "memory.partition_size=10", "memory.chunk_rows=7",
+        "memory.sharded=false", "loss.student_temp=0.2", "loss.koleo_weight=0.25", f"loss.koleo_scope={scope}",
+        "run.seed=11"], check_paths=False)
+    objective = MaSSLObjective.from_config(cfg, DistEnv(group=one_rank_group))
+    # method.md step 2 from the run seed: unit columns of a seeded normal draw
+    initial = F.normalize(torch.randn(6, 40, generator=torch.Generator().manual_seed(11)), dim=0)
+    torch.testing.assert_close(objective.memory.bank, initial)
+    assert objective.memory.group is one_rank_group and objective.memory.ptr == 0
+    assert (objective.partition_size, objective.student_temp, objective.seed) == (10, 0.2, 11)
+    assert (objective.koleo_weight, objective.chunk_rows) == (0.25, 7)
+    assert objective.koleo_group is (one_rank_group if scope == "global" else None)
+    assert objective.loss_group is None and not objective.sharded
