@@ -56,6 +56,9 @@ def test_koleo_is_added_with_its_weight_and_reported_unweighted():
     torch.testing.assert_close(with_koleo.koleo.double(), koleo, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(with_koleo.loss, plain.loss + 0.3 * koleo, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(with_koleo.objective, with_koleo.loss)
+    metrics = with_koleo.metrics()
+    assert set(metrics) == {"loss", "koleo"}
+    torch.testing.assert_close(metrics["koleo"], with_koleo.koleo)
 
 
 def test_monitoring_adds_the_agreement():
@@ -64,6 +67,25 @@ def test_monitoring_adds_the_agreement():
     top1, top5 = terms.agreement
     assert 0 <= top1.item() <= top5.item() <= 1
     assert set(terms.metrics()) == {"loss", "agree_top1", "agree_top5"}
+
+
+def test_terms_monitor_only_when_asked():
+    objective = make()
+    zs, zt = embeddings(2)
+    perm = objective.permutation(4, zs.device)
+    assert objective.terms(zs, zt, perm, HYPER.teacher_temp).agreement is None
+    assert objective.terms(zs, zt, perm, HYPER.teacher_temp, monitor=True).agreement is not None
+
+
+def test_chunk_rows_reach_the_loss(monkeypatch):
+    """memory.chunk_rows bounds the samples whose logits the loss holds at once (V rows: one sample)."""
+    objective = MaSSLObjective(MemoryBank(D, K, sharded=False, seed=3), partition_size=P, student_temp=0.1,
+                               seed=3, chunk_rows=V)
+    rows, exp_ = [], torch.Tensor.exp_
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda t: rows.append(t.shape[1]) or exp_(t))
+    zs, zt = embeddings(0)
+    objective(zs, zt, 0, HYPER)
+    assert rows and max(rows) == 1
 
 
 def test_permutation_is_a_fresh_permutation_per_step_and_the_same_for_a_step():
