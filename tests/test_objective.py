@@ -16,6 +16,14 @@ D, K, P, V, B = 8, 32, 8, 4, 4
 HYPER = Hyper(lr=0.1, wd=0.04, teacher_momentum=0.99, teacher_temp=0.06)
 
 
+def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
+    """torch.testing.assert_close's check (same shape and dtype, elementwise within tolerance), without
+    its first call's import of torch.distributed.tensor (seconds, paid again by every mutant of
+    scripts/mutation.sh)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    assert torch.allclose(got, want, rtol=rtol, atol=atol), (got, want)
+
+
 def make(koleo_weight: float = 0.0, seed: int = 3) -> MaSSLObjective:
     return MaSSLObjective(MemoryBank(D, K, sharded=False, seed=seed), partition_size=P, student_temp=0.1,
                           seed=seed, koleo_weight=koleo_weight)
@@ -42,8 +50,8 @@ def test_loss_is_the_method_loss_over_the_steps_partition(step):
     terms = objective(zs, zt, step, HYPER)
     perm = objective.permutation(step, zs.device)
     want = massl_loss_reference(zs, zt, objective.memory.bank.double(), perm, P, 0.1, HYPER.teacher_temp)
-    torch.testing.assert_close(terms.loss, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(terms.objective, want, rtol=1e-10, atol=1e-12)  # one process: no scaling
+    assert_close(terms.loss, want, rtol=1e-10, atol=1e-12)
+    assert_close(terms.objective, want, rtol=1e-10, atol=1e-12)  # one process: no scaling
     assert terms.koleo is None and terms.agreement is None
     assert set(terms.metrics()) == {"loss"}
 
@@ -53,12 +61,12 @@ def test_koleo_is_added_with_its_weight_and_reported_unweighted():
     plain, with_koleo = make()(zs, zt, 2, HYPER), make(koleo_weight=0.3)(zs, zt, 2, HYPER)
     koleo = 0.5 * (koleo_reference(zs[0]) + koleo_reference(zs[1]))
     # KoLeo computes in fp32 (massl.loss.koleo_loss)
-    torch.testing.assert_close(with_koleo.koleo.double(), koleo, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(with_koleo.loss, plain.loss + 0.3 * koleo, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(with_koleo.objective, with_koleo.loss)
+    assert_close(with_koleo.koleo.double(), koleo, rtol=1e-5, atol=1e-6)
+    assert_close(with_koleo.loss, plain.loss + 0.3 * koleo, rtol=1e-5, atol=1e-6)
+    assert_close(with_koleo.objective, with_koleo.loss)
     metrics = with_koleo.metrics()
     assert set(metrics) == {"loss", "koleo"}
-    torch.testing.assert_close(metrics["koleo"], with_koleo.koleo)
+    assert_close(metrics["koleo"], with_koleo.koleo)
 
 
 def test_monitoring_adds_the_agreement():
@@ -104,7 +112,7 @@ def test_remember_enqueues_and_the_next_step_sees_it():
     keys = zt[1].float()
     objective.remember(keys)
     reference.enqueue(keys)
-    torch.testing.assert_close(objective.memory.bank, reference.memory)
+    assert_close(objective.memory.bank, reference.memory)
     assert objective.memory.ptr == reference.ptr == B
     assert not torch.allclose(objective(zs, zt, 5, HYPER).loss, before)  # the loss reads the memory as it is now
 
@@ -133,7 +141,7 @@ def test_from_config_takes_every_setting(scope, one_rank_group):
     objective = MaSSLObjective.from_config(cfg, DistEnv(group=one_rank_group))
     # method.md step 2 from the run seed: unit columns of a seeded normal draw
     initial = F.normalize(torch.randn(6, 40, generator=torch.Generator().manual_seed(11)), dim=0)
-    torch.testing.assert_close(objective.memory.bank, initial)
+    assert_close(objective.memory.bank, initial)
     assert objective.memory.group is one_rank_group and objective.memory.ptr == 0
     assert (objective.partition_size, objective.student_temp, objective.seed) == (10, 0.2, 11)
     assert (objective.koleo_weight, objective.chunk_rows) == (0.25, 7)
