@@ -129,14 +129,14 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("scope", ["local", "global"])
-def test_from_config_takes_every_setting(scope, one_rank_group):
+@pytest.mark.parametrize("scope,sharded", [("local", "auto"), ("global", "false")])
+def test_from_config_takes_every_setting(scope, sharded, one_rank_group):
     from massl.config import load_config
     from massl.dist import DistEnv
 
     cfg = load_config(None, [
         "model.head_bottleneck_dim=6", "memory.size=40", "memory.partition_size=10", "memory.chunk_rows=7",
-        "memory.sharded=false", "loss.student_temp=0.2", "loss.koleo_weight=0.25", f"loss.koleo_scope={scope}",
+        f"memory.sharded={sharded}", "loss.student_temp=0.2", "loss.koleo_weight=0.25", f"loss.koleo_scope={scope}",
         "run.seed=11"], check_paths=False)
     objective = MaSSLObjective.from_config(cfg, DistEnv(group=one_rank_group))
     # method.md step 2 from the run seed: unit columns of a seeded normal draw
@@ -146,4 +146,4 @@ def test_from_config_takes_every_setting(scope, one_rank_group):
     assert (objective.partition_size, objective.student_temp, objective.seed) == (10, 0.2, 11)
     assert (objective.koleo_weight, objective.chunk_rows) == (0.25, 7)
     assert objective.koleo_group is (one_rank_group if scope == "global" else None)
-    assert objective.loss_group is None and not objective.sharded
+    assert objective.loss_group is None and not objective.sharded  # one rank: every layout is the full memory
