@@ -73,7 +73,14 @@ def test_monitoring_adds_the_agreement():
     zs, zt = embeddings(2)
     terms = make()(zs, zt, 4, HYPER, monitor=True)
     top1, top5 = terms.agreement
-    assert 0 <= top1.item() <= top5.item() <= 1
+    # method.md: student view 0's top-5 over partition 0 against teacher view 1's best slot there
+    objective = make()
+    slots = objective.permutation(4, zs.device)[:P]
+    bank = objective.memory.bank.double()
+    s_rank = (zs[0] @ bank[:, slots]).argsort(dim=1, descending=True)[:, :5]
+    t_best = (zt[1] @ bank[:, slots]).argmax(dim=1)
+    assert top1.item() == pytest.approx((s_rank[:, 0] == t_best).double().mean().item())
+    assert top5.item() == pytest.approx((s_rank == t_best[:, None]).any(1).double().mean().item())
     assert set(terms.metrics()) == {"loss", "agree_top1", "agree_top5"}
 
 
@@ -83,6 +90,15 @@ def test_terms_monitor_only_when_asked():
     perm = objective.permutation(4, zs.device)
     assert objective.terms(zs, zt, perm, HYPER.teacher_temp).agreement is None
     assert objective.terms(zs, zt, perm, HYPER.teacher_temp, monitor=True).agreement is not None
+
+
+def test_defaults_no_koleo_and_one_chunk(monkeypatch):
+    objective = MaSSLObjective(MemoryBank(D, K, sharded=False, seed=3), partition_size=P, student_temp=0.1, seed=3)
+    rows, exp_ = [], torch.Tensor.exp_
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda t: rows.append(t.shape[1]) or exp_(t))
+    zs, zt = embeddings(0)
+    assert objective(zs, zt, 0, HYPER).koleo is None
+    assert rows == [B, B]  # the student's and the teacher's logits, all samples at once
 
 
 def test_chunk_rows_reach_the_loss(monkeypatch):
@@ -147,3 +163,27 @@ def test_from_config_takes_every_setting(scope, sharded, one_rank_group):
     assert (objective.koleo_weight, objective.chunk_rows) == (0.25, 7)
     assert objective.koleo_group is (one_rank_group if scope == "global" else None)
     assert objective.loss_group is None and not objective.sharded  # one rank: every layout is the full memory
+
+
+class _ShardedBank(MemoryBank):
+    """A memory that reports itself sharded, as every rank's shard does at W > 1 (at W = 1 the
+    layouts coincide and MemoryBank reports unsharded)."""
+
+    sharded = True  # type: ignore[assignment]
+
+
+def test_sharded_memory_spans_the_loss_over_its_group(one_rank_group):
+    from tests.collectives import CollectiveCounter
+
+    zs, zt = embeddings(4)
+    for memory, group, reductions in ((_ShardedBank(D, K, group=one_rank_group, seed=3), one_rank_group, 2),
+                                      (MemoryBank(D, K, group=one_rank_group, sharded=False, seed=3), None, 0)):
+        objective = MaSSLObjective(memory, partition_size=P, student_temp=0.1, seed=3)
+        assert objective.loss_group is group
+        with CollectiveCounter() as counter:
+            terms = objective(zs, zt, 1, HYPER)
+        # the per-(row, partition) sums and the cross term are all-reduced over the group
+        assert [kind for kind, _ in counter.calls] == ["all_reduce"] * reductions
+        want = massl_loss_reference(zs, zt, memory.bank.double(), objective.permutation(1, zs.device), P, 0.1,
+                                    HYPER.teacher_temp)
+        assert_close(terms.loss, want, rtol=1e-10, atol=1e-12)
