@@ -87,6 +87,8 @@ def test_cpu_autocast_does_not_lower_the_precision():
 @pytest.mark.parametrize("chunk_rows,rows,n_exp", [
     (0, [5, 5], 2),               # one chunk: the forward's student and teacher exponentials, kept for the backward
     (12, [3, 3, 3, 3, 2, 2, 2, 2], 8),  # 2 chunks (3 + 2 samples): forward 2 per chunk, teacher again for q, student in backward
+    (1, [1] * 20, 20),            # fewer rows than views: one sample per chunk
+    (None, [5, 5], 2),            # the default: one chunk
 ])
 def test_logits_buffers_per_chunk(chunk_rows, rows, n_exp, monkeypatch):
     """chunk_rows bounds the samples whose logits are held at once; one chunk computes each
@@ -96,7 +98,8 @@ def test_logits_buffers_per_chunk(chunk_rows, rows, n_exp, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "exp_", lambda t: shapes.append(tuple(t.shape)) or exp_(t))
     zs, zt, memory, perm = _inputs(4, 5, 6, 24, seed=3)
     zs.requires_grad_()
-    massl_loss(zs, zt, memory, perm, 6, 0.1, 0.05, chunk_rows=chunk_rows).backward()
+    chunking = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    massl_loss(zs, zt, memory, perm, 6, 0.1, 0.05, **chunking).backward()
     assert len(shapes) == n_exp
     assert sorted((s[1] for s in shapes), reverse=True) == rows
     assert all(s[2] == 24 and s[0] in (2, 4) for s in shapes)
