@@ -138,6 +138,10 @@ def one_rank_group():
     """A real one-rank gloo group in this process (a run's group at world size 1), torn down after."""
     import torch.distributed as dist
 
+    if dist.is_initialized():  # a one-rank group an earlier in-process run (ddp/fsdp at W=1) left
+        assert dist.get_world_size() == 1
+        yield dist.group.WORLD
+        return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield dist.group.WORLD
