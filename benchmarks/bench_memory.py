@@ -261,6 +261,18 @@ def _machine(device: str) -> str:
     return f"{names[0] if names else cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def _write_rows(out: str | None, default_name: str, rows: list[dict], benchmark: str, **fields) -> None:
+    """The JSON of a W=2 measurement (--build, --save): its rows with the date and the machine."""
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"benchmark": benchmark, "date": datetime.date.today().isoformat(), "machine": _machine("cpu"),
+                   **fields, "world_size": 2,
+                   "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]},
+                  f, indent=1)
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> None:
     def ints(text):
         return [int(x) for x in text.split(",")]
@@ -291,28 +303,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.worlds = args.worlds or ([1, 2] if args.device == "cpu" else [1])
     if args.build:
-        rows = run_build(args)
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_memory_build.json")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump({"benchmark": "build student and teacher + training steps, peak RSS per rank, ddp vs ZeRO-3",
-                       "date": datetime.date.today().isoformat(), "machine": _machine("cpu"),
-                       "arch": args.build_arch, "img": args.build_img, "steps": args.build_steps, "world_size": 2,
-                       "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]},
-                      f, indent=1)
-        print(f"wrote {out}")
+        _write_rows(args.out, "bench_memory_build.json", run_build(args), arch=args.build_arch, img=args.build_img,
+                    steps=args.build_steps, benchmark="build student and teacher + training steps, peak RSS per rank, "
+                    "ddp vs ZeRO-3")
         return
     if args.save:
-        rows = run_save(args)
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_memory_save.json")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump({"benchmark": "deepspeed checkpoint save (engine part + teacher file), peak per rank",
-                       "date": datetime.date.today().isoformat(), "machine": _machine("cpu"),
-                       "arch": args.save_arch, "world_size": 2,
-                       "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows]},
-                      f, indent=1)
-        print(f"wrote {out}")
+        _write_rows(args.out, "bench_memory_save.json", run_save(args), arch=args.save_arch,
+                    benchmark="deepspeed checkpoint save (engine part + teacher file), peak per rank")
         return
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_memory_{args.device}.json")
