@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: set up the environment, write the sklearn digits as image folders, train a small
-# ViT with MaSSL on the CPU (configs/quickstart.yaml, a few minutes on 2 cores), then compare the
+# ViT with MaSSL on the CPU (configs/quickstart.yaml, 7 to 21 minutes on 2 cores), then compare the
 # trained teacher with the same architecture at random initialisation and with the raw pixels
 # on k-NN, linear probe, low-shot and retrieval (docs/eval.md).
 # Extra arguments are config overrides, e.g.:  scripts/quickstart.sh optim.epochs=20
