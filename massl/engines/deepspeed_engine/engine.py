@@ -158,6 +158,7 @@ class DeepSpeedEngine(Engine):
         self.dtype = DTYPES[self.precision]
         self.group = process_group(env)
         deepspeed = import_deepspeed(env.device)
+        process_group(env)  # one plain process (no launcher): its one-rank group, else DeepSpeed looks for MPI
         for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
             os.environ.setdefault(name, str(value))  # DeepSpeed asserts on them, also in one plain process
         init_deepspeed_comm(deepspeed, env.device)
@@ -182,6 +183,7 @@ class DeepSpeedEngine(Engine):
         if cfg.engine.zero_stage != 3:
             return contextlib.nullcontext()
         deepspeed = import_deepspeed(env.device)
+        process_group(env)  # one plain process (no launcher): its one-rank group, else DeepSpeed looks for MPI
         for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
             os.environ.setdefault(name, str(value))
         init_deepspeed_comm(deepspeed, env.device)
