@@ -4,7 +4,13 @@ from the same seed (the ddp engine's), element for element, also with model.init
 decay goes to the same parameters.
 
 One pair of gloo processes (W=2, tiny ViT with a BatchNorm head) builds three runs: fp32, fp32 with
-model.init_from, bf16."""
+model.init_from, bf16.
+
+Memory: in fp32 the optimiser's master partitions are the weights' own flat buffers (DeepSpeed
+0.19.8 clones them under torch 2.14: a third fp32 copy of the student per rank) and its step reads
+the gradients in DeepSpeed's gradient buffer (it would flatten them into a new tensor: a transient
+copy of the whole gradient partition); one training step after the build checks both.
+"""
 from __future__ import annotations
 
 import pytest
@@ -38,12 +44,36 @@ def _build(rank, world, cfg_dicts: list) -> list:
     results = []
     for cfg_dict in cfg_dicts:
         cfg = config_from_dict(cfg_dict)
-        engine, _ = build_step(cfg, init_distributed(cfg.run.device))
+        engine, objective = build_step(cfg, init_distributed(cfg.run.device))
         with engine.deepspeed.zero.GatheredParameters(list(engine.student_module.parameters())):
             student = {k: v.clone() for k, v in engine.student_module.state_dict().items()}
         results.append({"whole": received["whole"], "student": student, "teacher": engine.teacher_state_dict(),
-                        "groups": [len(g) for g in engine.ds.optimizer.fp16_groups]})
+                        "groups": [len(g) for g in engine.ds.optimizer.fp16_groups], **_one_step(engine, objective)})
     return results
+
+
+def _one_step(engine, objective) -> dict:
+    """Take one training step; where the optimiser's masters and the gradients it steps on live."""
+    from massl.schedules import Hyper
+    from massl.train import train_step
+
+    opt = engine.ds.optimizer
+    shared = [m.data_ptr() == w.data_ptr() for m, w in zip(opt.fp32_partitioned_groups_flat,
+                                                             opt.fp16_partitioned_groups_flat)]
+    buffer = opt.grad_partitions_flat_buffer.untyped_storage().data_ptr()
+    seen = []
+    inner = opt.optimizer.step
+
+    def spy_step(*args, **kwargs):
+        seen.extend(p.grad.untyped_storage().data_ptr() == buffer for g in opt.optimizer.param_groups
+                    for p in g["params"] if p.grad is not None)
+        return inner(*args, **kwargs)
+
+    opt.optimizer.step = spy_step
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randn(4, 3, s, s, generator=g) for s in (32, 32, 16, 16)]
+    train_step(engine, objective, crops, 0, Hyper(lr=0.1, wd=0.04, teacher_momentum=0.9, teacher_temp=0.04))
+    return {"masters_shared": shared, "grads_in_buffer": seen}
 
 
 def _plain(cfg_dict, seed: int) -> dict:
@@ -79,3 +109,6 @@ def test_zero3_builds_partitioned_models_with_the_plain_weights(tmp_path):
         for k in params:
             assert torch.equal(got["student"][k], expected[k].to(dtype)), (what, "student", k)
             assert torch.equal(got["teacher"][k], expected[k]), (what, "teacher", k)
+        # the step stepped on DeepSpeed's gradient buffer, every precision; in fp32 no master copy
+        assert got["grads_in_buffer"] and all(got["grads_in_buffer"]), (what, got["grads_in_buffer"])
+        assert all(got["masters_shared"]) == (dtype == torch.float32), (what, got["masters_shared"])

@@ -173,6 +173,18 @@ def check_built(parsed, what: str = "DeepSpeed's config") -> None:
     _refuse(setting_of, what)
 
 
+# ZeRO-3's working set, bounded for ViTs. DeepSpeed's defaults are sized for models of billions of
+# parameters: a 5e8-element gradient bucket and 1e9 live or reused parameters keep a whole ViT-L
+# student gathered from its forward to its backward and all its gradients in one bucket, so ZeRO-3
+# would hold more per rank than ddp. In elements (1e7: 40 MB in fp32); the user's file overrides.
+STAGE3_MEMORY = {
+    "reduce_bucket_size": 10_000_000,
+    "stage3_prefetch_bucket_size": 10_000_000,
+    "stage3_max_live_parameters": 10_000_000,
+    "stage3_max_reuse_distance": 10_000_000,
+}
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
@@ -184,9 +196,11 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _massl_config(cfg: Config, precision: str) -> dict:
     stage = cfg.engine.zero_stage
-    zero = {"stage": stage}
+    zero: dict = {"stage": stage}
     if stage < 3:
         zero["compute_grad_norm"] = False  # massl computes the norms it clips with (no host sync for them)
+    else:
+        zero.update(STAGE3_MEMORY)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": 1,

@@ -31,7 +31,7 @@ from ...optim import build_optimizer, clip_grads_, param_groups, set_hparams
 from ..base import DTYPES, Engine, resolve_precision
 from ..wrapping import wrap_models
 from . import checkpoint, ds_config, zero_init
-from .partitions import Stage3, Stage12
+from .partitions import Stage3, Stage12, share_fp32_masters_, step_on_gradient_buffer_
 
 DEEPSPEED_VERSION = "0.19.8"  # the version whose ZeRO internals partitions.py reads (requirements.txt)
 
@@ -201,7 +201,9 @@ class DeepSpeedEngine(Engine):
         names = [n for n, _ in teacher.named_parameters()]
         prepartitioned = zero_init.prepartitioned(teacher)  # built in model_init's context
         if prepartitioned:  # the teacher's fp32 pieces (the EMA's start), then the weights in the compute dtype
-            initial = [t.ds_tensor.detach().float().clone() for t in teacher.parameters()]
+            # (in fp32 the pieces stay as they are: no copy of the teacher's partition)
+            initial = [t.ds_tensor.detach() if self.dtype == torch.float32 else t.ds_tensor.detach().float().clone()
+                       for t in teacher.parameters()]
             for model in (student, teacher):
                 zero_init.cast_partitions_(model, self.dtype)
         else:
@@ -213,6 +215,8 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3:
             self.teacher_ds, *_ = self.deepspeed.initialize(model=teacher, config=ds_config.teacher_config(self.config),
                                                              dist_init_required=False)
+            share_fp32_masters_(self.ds.optimizer)
+            step_on_gradient_buffer_(self.ds.optimizer)
             pairs = list(zip(student.parameters(), teacher.parameters(), names, initial))
             self.partitions = Stage3(self.ds.optimizer, pairs, teacher, prepartitioned)
         else:

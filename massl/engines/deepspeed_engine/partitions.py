@@ -107,6 +107,58 @@ class Stage12:
         _load_buffers(self.teacher, state)
 
 
+@torch.no_grad()
+def share_fp32_masters_(optimizer) -> int:
+    """ZeRO-3 in fp32: the master partitions made the weights' own flat buffers again; returns the
+    bytes freed. DeepSpeed 0.19.8 means to skip the master copy when the weights are already fp32 on
+    the optimiser's device, but compares `tensor.device == "cpu"` (or `"cuda:0"`), which torch 2.14
+    answers False, so it clones them: a third fp32 copy of the student's partition per rank. The
+    optimiser keeps its tensors (their state and groups are keyed on them); only their storage is
+    the weights', which DeepSpeed copies the updated masters into after each step anyway."""
+    freed = 0
+    for master, weights in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat):
+        if (master.data_ptr() == weights.data_ptr() or master.dtype != weights.dtype
+                or master.device != weights.device or master.shape != weights.shape
+                or not torch.equal(master, weights)):
+            continue
+        freed += master.numel() * master.element_size()
+        master.data = weights.data
+    return freed
+
+
+def _adjacent_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one flat tensor `tensors` are consecutive pieces of (a view of their storage), or None."""
+    first = tensors[0]
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    end = offset
+    for t in tensors:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.untyped_storage().data_ptr() != storage.data_ptr()
+                or t.storage_offset() != end):
+            return None
+        end += t.numel()
+    return first.new_empty(0).set_(storage, offset, (end - offset,))
+
+
+def step_on_gradient_buffer_(optimizer) -> None:
+    """ZeRO-3: the optimiser step reads each sub-group's gradients where they are. DeepSpeed 0.19.8
+    flattens them (`torch.cat`) into a new tensor at every step although they are already consecutive
+    pieces of its one gradient buffer: a transient copy of this rank's whole gradient partition at the
+    step (the peak of a step, once the gathered weights are released). Only the flattening of
+    `averaged_gradients` is changed, and only where the pieces are adjacent; the values are the
+    same, and the buffer is overwritten by the next backward."""
+    flatten = optimizer.flatten
+
+    def flatten_in_place(tensors):
+        groups = optimizer.averaged_gradients  # sub-group id -> its gradient pieces (a dict in 0.19.8)
+        if tensors and any(tensors is grads for grads in (groups.values() if isinstance(groups, dict) else groups)):
+            span = _adjacent_span(list(tensors))
+            if span is not None:
+                return span
+        return flatten(tensors)
+
+    optimizer.flatten = flatten_in_place
+
+
 class Stage3:
     """ZeRO-3: gradient and master pieces per parameter; the teacher engine's partitions follow the master."""
 
