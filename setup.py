@@ -24,7 +24,7 @@ setup(
         "deepspeed": ["deepspeed==0.19.8"],
         "quickstart": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         "report": ["matplotlib>=3.7", "scikit-learn>=1.3"],  # massl-report
-        "dev": ["pytest>=7", "mypy==2.4.1", "scikit-learn>=1.3", "matplotlib>=3.7", "scikit-image>=0.22",
+        "dev": ["pytest>=7", "pytest-xdist==3.8.0", "mypy==2.4.1", "scikit-learn>=1.3", "matplotlib>=3.7", "scikit-image>=0.22",
                 "webdataset==1.0.2", "mutmut==3.8.1"],  # mutmut: scripts/mutation.sh
     },
     entry_points={

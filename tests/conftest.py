@@ -81,7 +81,15 @@ SLOW_FILES = {
 }
 
 
+# Files that start a cluster of their own (a private Slurm, the two-node namespaces): with
+# pytest-xdist (`-n 2 --dist loadgroup`, as scripts/run_tests.sh runs the suite) they run one after
+# the other in one worker, never beside each other.
+CLUSTER_FILES = {"test_slurm.py", "test_multinode.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+        if item.path.name in CLUSTER_FILES:
+            item.add_marker(pytest.mark.xdist_group("cluster"))

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -162,9 +163,29 @@ def deepspeed_reference(digits_dir, tmp_path_factory):
     (work / "hostfile").write_text("localhost slots=2\n")
     out = str(work / "run")
     _run(["bash", "launch/deepspeed.sh", str(work / "hostfile"), config, f"run.output_dir={out}"],
-         _env(DEEPSPEED=launcher), str(work / "log"), ROOT)
+         _env(DEEPSPEED=launcher, DS_LAUNCHER_ARGS=f"--master_port {free_port()}"), str(work / "log"), ROOT)
     assert _hosts(out) == [os.uname().nodename] * 2
     return out, config
+
+
+DEEPSPEED_DEFAULT_PORT = 29500  # launch/deepspeed.sh's master port when DS_LAUNCHER_ARGS names none
+
+
+def _wait_until_free(port: int, timeout_s: float = 120.0) -> None:
+    """Until nothing listens on 127.0.0.1:`port` (the suite's other tests take free ports, but
+    processes of other programs may hold this one for a while)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: TIME_WAIT is no obstacle
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    holders = subprocess.run(["ss", "-ltnp", f"sport = :{port}"], capture_output=True, text=True)
+                    raise AssertionError(f"port {port} stays in use:\n{holders.stdout}")
+        time.sleep(1)
 
 
 def _readme_deepspeed_commands() -> list[str]:
@@ -188,6 +209,7 @@ def test_readme_one_node_deepspeed_command_runs_as_written(digits_dir, tmp_path)
     tiny = " ".join(tiny_overrides(os.path.join(digits_dir, "train"), out) + [f"run.max_steps={STEPS}"])
     home = tmp_path / "home"  # no ssh keys, no ~/.deepspeed_env
     home.mkdir()
+    _wait_until_free(DEEPSPEED_DEFAULT_PORT)  # as written, the command takes the launcher's default port
     _run(["bash", "-c", f"{echo} && {launch.removesuffix(' data.path=...')} {tiny}"],
          _env(DEEPSPEED=launcher, HOME=str(home)), str(tmp_path / "log"), str(tmp_path))
     assert len(_losses(out)) == STEPS and len(_hosts(out)) == 2
