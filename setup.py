@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="MaSSL self-supervised pretraining of vision transformers at scale",
     python_requires=">=3.10",
-    packages=find_packages(include=["massl", "massl.*", "data_tools", "data_tools.*"]),
+    packages=find_packages(include=["massl", "massl.*"]),
     install_requires=[
         "torch>=2.6",
         "torchvision>=0.21",
@@ -32,7 +32,7 @@ setup(
             "massl-train=massl.cli:train_main",
             "massl-eval=massl.cli:eval_main",
             "massl-export=massl.cli:export_main",
-            "massl-shard=data_tools.shard:main",
+            "massl-shard=massl.tools.shard:main",
             "massl-report=massl.report.cli:main",
         ]
     },

@@ -67,7 +67,7 @@ for row in "${rows[@]}"; do
         echo "[mutmut]"
         echo "source_paths = massl"
         echo "only_mutate = $module"
-        echo "also_copy ="; echo "    data_tools"; echo "    configs"; echo "    pytest.ini"
+        echo "also_copy ="; echo "    configs"; echo "    pytest.ini"
         echo "pytest_add_cli_args_test_selection ="
         for t in $tests; do echo "    $t"; done
         echo "pytest_add_cli_args ="; echo "    -p"; echo "    no:cacheprovider"

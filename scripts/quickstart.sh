@@ -12,7 +12,7 @@ bin="${MASSL_VENV:-$root/.venv}/bin"  # setup_env.sh's environment
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whichever checkout the venv installed
 run=runs/quickstart
 # 32 px (bicubic from 8x8): random crops then vary continuously instead of by whole 8x8 pixels
-[ -d data/digits/val ] || "$bin/python" -m data_tools.digits --out data/digits --size 32
+[ -d data/digits/val ] || "$bin/python" -m massl.tools.digits --out data/digits --size 32
 start=$(date +%s)
 "$bin/massl-train" --config configs/quickstart.yaml "run.output_dir=$run" "$@"
 echo "[quickstart] training took $(( $(date +%s) - start )) s"

@@ -10,7 +10,7 @@ from massl.config import load_config
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
-    from data_tools.digits import write_digits
+    from massl.tools.digits import write_digits
 
     root = tmp_path_factory.mktemp("digits")
     write_digits(str(root), size=32)  # as the quickstart writes them
@@ -28,7 +28,7 @@ def images():
 @pytest.fixture(scope="session")
 def digit_shards(digits_dir, tmp_path_factory):
     """60 digits in 3 WebDataset shards of 20 (a list file keeps them independent of the folder's size)."""
-    from data_tools.shard import write_shards
+    from massl.tools.shard import write_shards
 
     root = tmp_path_factory.mktemp("wds")
     train = os.path.join(digits_dir, "train")

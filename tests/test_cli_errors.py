@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from data_tools.shard import main as shard_main
+from massl.tools.shard import main as shard_main
 from massl.cli import export_main, train_main
 from tests.conftest import tiny_overrides
 

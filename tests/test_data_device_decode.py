@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.shard import ShardWriter, main as shard_main
+from massl.tools.shard import ShardWriter, main as shard_main
 from massl.config import DataConfig, load_config
 from massl.data import build_data
 from massl.data import multicrop as M

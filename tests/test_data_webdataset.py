@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from data_tools.shard import ShardWriter, main as shard_main
+from massl.tools.shard import ShardWriter, main as shard_main
 from massl.config import load_config
 from massl.data import build_data
 from massl.data.epoch_plan import epoch_pieces, worker_span

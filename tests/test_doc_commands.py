@@ -78,7 +78,7 @@ COMMANDS = {
     "massl-train --config configs/vit_small.yaml optim.lr=5e-4 data.batch_size=64 data.global_crops_scale=[0.25,1]":
         (PARSE, "needs data.path (ImageNet)"),
     # docs/data.md
-    "python -m data_tools.digits --out data/digits --size 32": (RUN, ""),
+    "python -m massl.tools.digits --out data/digits --size 32": (RUN, ""),
     "massl-shard data/digits/train --out data/digits_shards --maxcount 200": (RUN, ""),
     "massl-train --config configs/quickstart.yaml data.source=webdataset data.urls=data/digits_shards":
         (RUN_WITH, {"": TINY}),
@@ -292,7 +292,7 @@ def test_documented_commands_run(tiny_run, tmp_path):
     os.symlink(os.path.join(ROOT, "configs"), work / "configs")
     shutil.copytree(tiny_run, work / "runs" / "quickstart")
     # the data first, as docs/data.md writes it (the digits, then their shards), then the rest
-    first = ("python -m data_tools.digits", "massl-shard data/digits/train")
+    first = ("python -m massl.tools.digits", "massl-shard data/digits/train")
     runs = sorted((c for c, (how, _) in COMMANDS.items() if how in (RUN, RUN_WITH)),
                   key=lambda c: next((i for i, f in enumerate(first) if c.startswith(f)), len(first)))
     for command in runs:

@@ -72,7 +72,7 @@ def _two_ranks(rank, world, folder, shards, run, out):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from data_tools.shard import write_shards
+    from massl.tools.shard import write_shards
 
     root = str(tmp_path_factory.mktemp("eval_inputs"))
     folder = write_folder(os.path.join(root, "folder"), counts=(4, 5, 3))  # 13 files, one unreadable

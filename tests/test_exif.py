@@ -73,7 +73,7 @@ def test_device_decoding_hands_rotated_jpegs_to_the_cpu():
 
 
 def test_evaluation_and_massl_shard_see_the_image_upright(tmp_path):
-    from data_tools.shard_inputs import load_checked
+    from massl.tools.shard_inputs import load_checked
     from massl.eval.inputs import open_rgb
 
     data = jpeg(6)  # stored 48 x 32, shown 32 x 48

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.shard_inputs import load_checked
+from massl.tools.shard_inputs import load_checked
 from massl.config import Config, DataConfig
 from massl.data.multicrop import MultiCropAugmentation
 from massl.eval.extract import eval_transform, extract_features

@@ -11,7 +11,7 @@ def _modules_after(imports: str) -> set:
 
 
 def test_shard_modules_need_neither_torch_nor_pil():
-    loaded = _modules_after("import massl.data.shards, massl.data.epoch_plan, data_tools.shard")
+    loaded = _modules_after("import massl.data.shards, massl.data.epoch_plan, massl.tools.shard")
     assert not {"torch", "PIL", "webdataset"} & loaded
 
 

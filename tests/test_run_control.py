@@ -109,7 +109,7 @@ def test_a_resume_past_max_steps_says_so_and_writes_nothing(tiny_config, tmp_pat
 
 
 def test_massl_shard_ctrl_c_is_one_line(monkeypatch, capsys):
-    import data_tools.shard as shard_tool
+    import massl.tools.shard as shard_tool
 
     def interrupted(argv):
         raise KeyboardInterrupt

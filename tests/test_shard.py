@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools import shard as shard_tool
-from data_tools.shard import main, verify, write_shards
+from massl.tools import shard as shard_tool
+from massl.tools.shard import main, verify, write_shards
 from massl.errors import UserError
 
 
@@ -257,7 +257,7 @@ def test_kill_9_leaves_no_worker_behind(tmp_path):
     Image.fromarray(np.random.RandomState(2).randint(0, 256, (600, 600, 3), dtype=np.uint8)).save(big)
     (tmp_path / "list.txt").write_text(f"{big}\n" * 4000)  # minutes of work: still running when killed
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "data_tools.shard", str(tmp_path / "list.txt"), "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "massl.tools.shard", str(tmp_path / "list.txt"), "--out",
                              str(tmp_path / "out"), "--workers", "2", "--quiet"], env={**os.environ, "PYTHONPATH": root},
                             start_new_session=True)
     workers = []

@@ -51,7 +51,7 @@ def test_progress_and_eta_count_to_run_max_steps(digits_dir, tmp_path, capsys):
 
 def test_index_of_shards_from_another_tool_keeps_their_labels(tmp_path):
     """Shards written with plain tarfile (not massl-shard), each sample with a .cls member."""
-    from data_tools.shard import main
+    from massl.tools.shard import main
     from massl.eval.inputs import open_input
 
     folder = tmp_path / "shards"
@@ -112,7 +112,7 @@ def test_teacher_safetensors_is_as_readable_as_the_files_beside_it(tiny_run, tmp
 
 
 def test_missing_optional_packages_are_one_error_line(monkeypatch, tmp_path, capsys):
-    from data_tools import digits
+    from massl.tools import digits
     from massl.data.webdataset import require_webdataset
 
     monkeypatch.setitem(sys.modules, "webdataset", None)  # import webdataset raises ImportError
@@ -128,7 +128,7 @@ def test_missing_optional_packages_are_one_error_line(monkeypatch, tmp_path, cap
 
 
 def test_digits_default_size_is_the_quickstarts(tmp_path):
-    from data_tools import digits
+    from massl.tools import digits
 
     digits.main(["--out", str(tmp_path / "d")])
     first = next((tmp_path / "d" / "val" / "0").iterdir())
@@ -211,7 +211,7 @@ def test_eval_progress_names_the_input_with_a_clock_eta(tiny_run, small_folders,
 
 
 def test_massl_shard_one_set_per_folder_quiet_and_bad_values(tmp_path, capsys):
-    from data_tools.shard import main
+    from massl.tools.shard import main
     from tests.test_shard import make_folder
 
     root, out = str(tmp_path / "images"), str(tmp_path / "shards")

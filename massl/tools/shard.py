@@ -81,7 +81,7 @@ class ShardWriter:
         self.name, self.path = name, os.path.join(out, name)
         self.raw = open(self.path + ".partial", "wb")
         self.file = _HashingFile(self.raw)
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]  # a write-only file object
         self.samples, self.members = 0, 0
 
     def add(self, key: str, files: list[tuple[str, bytes]]) -> None:
@@ -207,10 +207,13 @@ def write_shards(source: str, out: str, prefix: str = "shard", maxcount: int = 1
     journal_path = os.path.join(out, JOURNAL_NAME)
     write_json_atomic(journal_path, journal)  # before the first shard: a run killed at once resumes too
     bar = Progress(len(items), journal["next_input"], enabled=progress)
-    writer, first_input, skipped_here = None, journal["next_input"], []
+    writer: Optional[ShardWriter] = None
+    first_input: int = journal["next_input"]
+    skipped_here: list[dict] = []
 
     def close_shard(next_input: int) -> None:
         nonlocal writer, skipped_here
+        assert writer is not None  # called with a shard open
         record = writer.finish()
         record["first_input"] = first_input
         journal["shards"].append(record)
@@ -258,7 +261,7 @@ def scan_shard(path: str, labels: Optional[set] = None) -> dict:
     end-of-archive marker (two zero blocks) that every tar writer puts after the last member
     is checked too."""
     digest, size = sha256_file(path)
-    record = {"name": os.path.basename(path), "samples": 0, "bytes": size, "sha256": digest}
+    record: dict = {"name": os.path.basename(path), "samples": 0, "bytes": size, "sha256": digest}
     try:
         with open(path, "rb") as f:
             tar = open_tar(f)
@@ -300,7 +303,8 @@ def index(urls: list[str], out: str) -> dict:
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(folders) != 1 or os.path.dirname(os.path.abspath(out)) not in folders:
         raise UserError(f"index --out {out}: the shards must share one folder, and --out must be a file in it")
-    shards, labels = [], set()
+    shards: list[dict] = []
+    labels: set[int] = set()
     for p in paths:
         s = scan_shard(p, labels)
         if "error" in s:

@@ -87,12 +87,13 @@ def load_checked(path: str, max_side: int = 0, quality: int = 90) -> dict:
             img.load()
             if max_side and max(w, h) > max_side:
                 s = max_side / max(w, h)
-                img = to_rgb(upright(img))  # the re-encoded JPEG has no EXIF: turn the pixels instead
-                img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS, reducing_gap=3.0)
+                shown = to_rgb(upright(img))  # the re-encoded JPEG has no EXIF: turn the pixels instead
+                shown = shown.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS,
+                                     reducing_gap=3.0)
                 out = io.BytesIO()
-                img.save(out, "JPEG", quality=quality)
+                shown.save(out, "JPEG", quality=quality)
                 return {"data": out.getvalue(), "ext": "jpg", "width": w, "height": h, "bytes": len(data)}
-        ext = FORMAT_EXTENSIONS.get(fmt) or os.path.splitext(path)[1].lstrip(".").lower() or "img"
+        ext = FORMAT_EXTENSIONS.get(fmt or "") or os.path.splitext(path)[1].lstrip(".").lower() or "img"
         return {"data": data, "ext": ext, "width": w, "height": h, "bytes": len(data)}
     except Image.UnidentifiedImageError:
         return {"error": "UnidentifiedImageError: not an image format PIL can read"}

@@ -1,7 +1,7 @@
 """Write scikit-learn's handwritten digits (1797 real 8x8 images) as train/val image folders.
 
 The split: numpy RandomState(0).permutation(1797), first 1297 train, last 500 val.
-    python -m data_tools.digits --out data/digits     # -> data/digits/{train,val}/<label>/<index>.png
+    python -m massl.tools.digits --out data/digits     # -> data/digits/{train,val}/<label>/<index>.png
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ N_TRAIN = 1297
 def write_digits(out: str, size: int = 32) -> dict:
     """Write the split; `size` > 8 upscales each image (bicubic) so crops of it are not limited to whole 8x8 pixels."""
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
     except ImportError:
-        raise UserError("data_tools.digits needs scikit-learn (its digits data set): "
+        raise UserError("massl.tools.digits needs scikit-learn (its digits data set): "
                         "pip install 'massl[quickstart]' (or pip install scikit-learn)") from None
 
     digits = load_digits()
@@ -34,7 +34,7 @@ def write_digits(out: str, size: int = 32) -> dict:
             pixels = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
             img = Image.fromarray(pixels, mode="L")
             if size != 8:
-                img = img.resize((size, size), Image.BICUBIC)
+                img = img.resize((size, size), Image.Resampling.BICUBIC)
             img.save(os.path.join(folder, f"{i:04d}.png"))
         counts[split] = len(idx)
     return counts
