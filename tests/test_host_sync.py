@@ -30,13 +30,14 @@ import os
 import pytest
 import torch
 
-from massl.config import Config
+from massl.config import Config, load_config
 from massl.dist import DistEnv
 from massl.models import build_student_teacher
 from massl.testing.opcount import OpCounter
 from massl.optim import build_optimizer, param_groups
 from massl.schedules import Hyper
 from massl.train import StepWindow, build_step, train_step
+from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
 
 HPARAMS = Hyper(lr=1e-3, wd=0.04, teacher_momentum=0.99, teacher_temp=0.05)
@@ -52,16 +53,11 @@ VARIANTS = [
 
 
 def tiny_config(engine: str, device: str = "cpu", precision: str = "fp32", **overrides) -> Config:
-    cfg = Config()
-    cfg.run.device, cfg.run.precision, cfg.engine.name = device, precision, engine
-    cfg.model.arch, cfg.model.patch_size, cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads = "custom", 8, 32, 2, 2
-    cfg.model.head_hidden_dim, cfg.model.head_bottleneck_dim = 64, 16
-    cfg.data.batch_size, cfg.data.global_crop_size, cfg.data.local_crop_size, cfg.data.local_crops_number = 4, 16, 8, 2
-    cfg.memory.size, cfg.memory.partition_size = 64, 16
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
+    """The suite's tiny ViT (tests/conftest.py), 4 images per rank, with drop-path on (a path a step takes)."""
+    values = {"run.device": device, "run.precision": precision, "engine.name": engine, "data.batch_size": 4,
+              "model.drop_path": 0.1, **overrides}
+    text = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    return load_config(None, tiny_overrides("unused", "unused") + text, check_paths=False)
 
 
 def count_loop_step(cfg: Config, env: DistEnv, setup=None, extra=None, steps: int = 2) -> dict:
