@@ -137,7 +137,10 @@ EOF
   # setsid: the holders stay out of the caller's process group (and the signals sent to it).
   setsid unshare --net --uts --mount sleep infinity </dev/null >/dev/null 2>&1 &
   echo $! >"$dir/switch.pid"
-  wait_for 5 nsenter -t "$(holder switch)" -n true
+  # Until the holder is in a network namespace of its own: its pid exists before unshare has made
+  # it, and a bridge made before then would land in this (the host's) namespace.
+  wait_for 5 sh -c "[ \"\$(readlink /proc/$!/ns/net)\" != \"\$(readlink /proc/$$/ns/net)\" ]" \
+    || die "the switch's namespace did not start"
   readlink "/proc/$(holder switch)/ns/net" >"$dir/switch.netns"
   nsenter -t "$(holder switch)" -n sh -c "ip link set lo up && ip link add br0 type bridge && ip link set br0 up"
   mkdir -p /run/sshd  # sshd's privilege separation directory

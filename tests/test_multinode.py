@@ -59,14 +59,23 @@ def cluster(tmp_path_factory):
                     "pdsh openmpi-bin slurm-wlm munge` (.ci/run does this when it runs as root)")
     state = str(tmp_path_factory.mktemp("cluster") / "c")
     env = {**os.environ, "MASSL_TEST_CLUSTER_DIR": state, "MASSL_TEST_CLUSTER_OWNER": str(os.getpid())}
+    host_links = _host_links()
     try:
         up = subprocess.run(["bash", CLUSTER, "up", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, timeout=180)
         assert up.returncode == 0, f"the test cluster did not start:\n{up.stdout}"
+        # the bridge and the veth pairs live in the cluster's namespaces, none in this machine's
+        assert _host_links() == host_links, (host_links, _host_links())
         info = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line)
         yield {**info, "dir": state}
     finally:
         subprocess.run(["bash", CLUSTER, "down"], env=env, timeout=120)
+
+
+def _host_links() -> set[str]:
+    """The names of this (the host's) network namespace's interfaces."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
 def _on(node: str, cmd: list[str]) -> list[str]:
