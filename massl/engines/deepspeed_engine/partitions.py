@@ -108,22 +108,17 @@ class Stage12:
 
 
 @torch.no_grad()
-def share_fp32_masters_(optimizer) -> int:
-    """ZeRO-3 in fp32: the master partitions made the weights' own flat buffers again; returns the
-    bytes freed. DeepSpeed 0.19.8 means to skip the master copy when the weights are already fp32 on
+def share_fp32_masters_(optimizer) -> None:
+    """ZeRO-3 in fp32: the master partitions made the weights' own flat buffers again. DeepSpeed 0.19.8 means to skip the master copy when the weights are already fp32 on
     the optimiser's device, but compares `tensor.device == "cpu"` (or `"cuda:0"`), which torch 2.14
     answers False, so it clones them: a third fp32 copy of the student's partition per rank. The
     optimiser keeps its tensors (their state and groups are keyed on them); only their storage is
     the weights', which DeepSpeed copies the updated masters into after each step anyway."""
-    freed = 0
     for master, weights in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat):
-        if (master.data_ptr() == weights.data_ptr() or master.dtype != weights.dtype
-                or master.device != weights.device or master.shape != weights.shape
-                or not torch.equal(master, weights)):
-            continue
-        freed += master.numel() * master.element_size()
-        master.data = weights.data
-    return freed
+        if (master.data_ptr() != weights.data_ptr() and master.dtype == weights.dtype
+                and master.device == weights.device and master.shape == weights.shape
+                and torch.equal(master, weights)):
+            master.data = weights.data
 
 
 def _adjacent_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
