@@ -98,6 +98,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     are blocked and a thread takes them with `sigwaitinfo`, which can.
     """
     parent = os.getppid()
+    sys.excepthook = _quiet_abandoned_fetch(sys.excepthook)
     die_with_parent(signal.SIGKILL)  # a worker blocked in a read never sees its parent go: no orphan
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
 
@@ -108,6 +109,24 @@ def ignore_stop_signals(worker_id: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=take_signals, name="massl-worker-signals", daemon=True).start()
+
+
+def _quiet_abandoned_fetch(hook):
+    """`hook`, silent on a connection error in multiprocessing's resource-sharer thread.
+
+    A worker hands a batch's tensors to the training process as file descriptors, which the
+    training process fetches over a connection to that thread. A stop signal that ends the wait
+    for data (StopWhileWaiting) may land in the middle of such a fetch: the training process
+    drops the connection and the batch (it checkpoints its last complete step, and a resume
+    reads that batch again), and the thread would print the peer's hang-up as a traceback into
+    the run's log. Every other error still reaches `hook`."""
+    def excepthook(kind, value, tb) -> None:
+        code = tb.tb_frame.f_code if tb is not None else None
+        if (issubclass(kind, (OSError, EOFError)) and code is not None and code.co_name == "_serve"
+                and os.path.basename(code.co_filename) == "resource_sharer.py"):
+            return
+        hook(kind, value, tb)
+    return excepthook
 
 
 class StopWhileWaiting(Exception):
