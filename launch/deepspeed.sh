@@ -4,7 +4,8 @@
 # HOSTFILE lists the nodes, one "hostname slots=N" line each (launch/hostfile.example); the first
 # node runs rank 0. The launcher reaches the other nodes over passwordless ssh (pdsh), or set
 # DS_LAUNCHER_ARGS, e.g. "--launcher openmpi" (mpirun) or "--launcher slurm" (srun, inside an
-# allocation), "--master_port 29600", "--include host1:0,1". With a single host in HOSTFILE the run
+# allocation), "--master_port 29600", "--include host1:0,1"; quotes keep a value with spaces whole
+# ('--launcher openmpi --launcher_args "--mca btl_tcp_if_include ib0"'). With a single host in HOSTFILE the run
 # is local: no ssh, rendezvous at 127.0.0.1. With "--launcher slurm", run it inside an allocation of
 # the hostfile's nodes (salloc); the ranks meet at the first node of srun's step (no MASTER_ADDR is
 # passed), and srun ends every rank once one fails (SLURM_KILL_BAD_EXIT=1 unless already set).
@@ -24,8 +25,14 @@ hostfile=$1 config=$2
 shift 2
 [ -f "$hostfile" ] || { echo "error: hostfile $hostfile not found (one \"hostname slots=N\" line per node)" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
-# shellcheck disable=SC2206
-ds_args=(${DS_LAUNCHER_ARGS:-})
+# DS_LAUNCHER_ARGS split as a shell splits words (quotes keep a value with spaces in one argument:
+# --launcher_args "--mca btl_tcp_if_include ib0"), without evaluating it.
+if ! words=$(printf '%s' "${DS_LAUNCHER_ARGS:-}" | xargs -r printf '%s\n' 2>&1); then
+  echo "error: DS_LAUNCHER_ARGS cannot be split into arguments (an unmatched quote?): ${DS_LAUNCHER_ARGS:-}" >&2
+  exit 2
+fi
+ds_args=()
+if [ -n "$words" ]; then mapfile -t ds_args <<<"$words"; fi
 # The value of launcher flag $1 in DS_LAUNCHER_ARGS ("--flag v" or "--flag=v"), else $2.
 ds_flag() {
   local i

@@ -294,3 +294,46 @@ def test_deepspeed_launcher_with_a_hostfile_trains_two_processes(tmp_path):
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["final_step"] == 3
+
+
+RECORD_ARGS = """#!/usr/bin/env python3
+import json, sys
+json.dump(sys.argv[1:], open(sys.argv[0] + ".args", "w"))
+"""
+
+
+@pytest.mark.parametrize("ds_launcher_args, expected", [
+    ('--launcher openmpi --launcher_args "--mca btl_tcp_if_include ib0"',
+     ["--launcher", "openmpi", "--launcher_args", "--mca btl_tcp_if_include ib0"]),
+    ("--master_port 29600 --launcher_args '-x A=1'", ["--master_port", "29600", "--launcher_args", "-x A=1"]),
+    ("", []),
+])
+def test_ds_launcher_args_are_split_as_a_shell_splits_words(tmp_path, ds_launcher_args, expected):
+    """launch/deepspeed.sh passes DS_LAUNCHER_ARGS to DeepSpeed's runner word by word, a quoted value
+    with spaces as one argument (docs/multinode.md's `--launcher_args "--mca ..."`)."""
+    runner = tmp_path / "deepspeed"
+    runner.write_text(RECORD_ARGS)
+    runner.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")  # two hosts: the script adds no flag of its own
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), str(hostfile), "cfg.yaml", "a=1"],
+                          env={**os.environ, "DEEPSPEED": str(runner), "DS_LAUNCHER_ARGS": ds_launcher_args},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    args = json.load(open(str(runner) + ".args"))
+    assert args == ["--hostfile", str(hostfile)] + expected + ["--module", "massl.cli", "--config", "cfg.yaml",
+                                                                "engine.name=deepspeed", "a=1"]
+
+
+def test_ds_launcher_args_with_an_unmatched_quote_stop_in_one_line(tmp_path):
+    runner = tmp_path / "deepspeed"
+    runner.write_text(RECORD_ARGS)
+    runner.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), str(hostfile), "cfg.yaml"],
+                          env={**os.environ, "DEEPSPEED": str(runner), "DS_LAUNCHER_ARGS": '--launcher_args "--mca x'},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and not os.path.exists(str(runner) + ".args")
+    assert done.stderr.strip().splitlines() == [
+        "error: DS_LAUNCHER_ARGS cannot be split into arguments (an unmatched quote?): --launcher_args \"--mca x"]

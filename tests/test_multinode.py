@@ -285,7 +285,9 @@ def test_deepspeed_mpirun_and_srun_on_two_nodes_match_one_node(cluster, deepspee
     address from the first host of SLURM_STEP_NODELIST)."""
     reference, config = deepspeed_reference
     out = str(tmp_path / "run")
-    env = _env(cluster, DEEPSPEED=_deepspeed_launcher(), DS_LAUNCHER_ARGS=f"--launcher {launcher}",
+    # openmpi: with the transport's interface named as docs/multinode.md shows (the nodes' is eth0)
+    env = _env(cluster, DEEPSPEED=_deepspeed_launcher(),
+               DS_LAUNCHER_ARGS='--launcher openmpi --launcher_args "--mca btl_tcp_if_include eth0"',
                # Open MPI refuses root unless told; a private test machine
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                # a rank that cannot reach rank 0 fails in 2 minutes, not 30
