@@ -59,11 +59,27 @@ def exit_stopped() -> NoReturn:
     launcher that ends every rank at the first non-zero exit (srun --kill-on-bad-exit) would
     otherwise turn the other ranks' own exit 75 into a death by SIGTERM (status 143)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _mark_stopped()
     # Each rank says so (the launcher may report only the first status, or none): with
     # run.log_all_ranks, every rank's line shows that it stopped cleanly.
     log.info(f"massl: exiting with status {STOPPED_EXIT} (stopped at a checkpoint; run the same command again "
              f"to continue)")
     sys.exit(STOPPED_EXIT)
+
+
+def _mark_stopped() -> None:
+    """Leave an empty file named after this process in the folder MASSL_STOP_MARKS names, if any.
+
+    launch/torchrun.sh counts them: torchrun reports a rank's exit 75 as a failure (status 1), and
+    the script ends with 75 only when every rank it started stopped at the checkpoint. Without the
+    file the script keeps the launcher's status: a failure stays a failure."""
+    marks = os.environ.get("MASSL_STOP_MARKS")
+    if marks:
+        try:
+            with open(os.path.join(marks, str(os.getpid())), "w"):
+                pass
+        except OSError as e:
+            log.warning(f"massl: MASSL_STOP_MARKS={marks}: {e}; the launch script will report a failure")
 
 
 def die_with_parent(signum: int) -> bool:

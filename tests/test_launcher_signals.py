@@ -63,8 +63,10 @@ def deepspeed_launch(tmp_path, config: str) -> tuple[list[str], dict, int, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("launch, target, signum, status", [
     # before: SIGUSR1 killed the script (exec'd torchrun) while the rank trained on
-    ("torchrun", "script", signal.SIGUSR1, 1),  # torchrun reports a rank's exit 75 as a failure
-    ("torchrun", "launcher", signal.SIGUSR1, 128 + signal.SIGUSR1),  # torchrun dies of it; the rank sees its parent go
+    # torchrun reports a rank's exit 75 as a failure (1); the script, which counts the ranks that
+    # stopped, turns it into 75 (before: 1)
+    ("torchrun", "script", signal.SIGUSR1, 75),
+    ("torchrun", "launcher", signal.SIGUSR1, 75),  # torchrun dies of it; the rank sees its parent go (before: 138)
     ("deepspeed", "script", signal.SIGTERM, 75),  # DeepSpeed's launcher passes on the ranks' status
     # before: the runner died, the script exited and launch.py and its ranks trained on
     ("deepspeed", "launcher", signal.SIGTERM, 128 + signal.SIGTERM),
@@ -111,3 +113,15 @@ def test_a_signal_to_the_launch_reaches_every_rank(digits_dir, tmp_path, launch,
         if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_failed_rank_under_torchrun_sh_is_not_reported_as_a_stop(tmp_path):
+    """launch/torchrun.sh ends with 75 only when its ranks stopped at a checkpoint: a rank that
+    fails (here a user error, massl-train's exit 2) leaves torchrun's failure status."""
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    args, env, _, _ = torchrun_launch(tmp_path, str(config))
+    done = subprocess.run(args + ["optim.no_such_key=1"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **env},
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode not in (0, 75) and "no_such_key" in done.stdout + done.stderr, done.stderr[-3000:]
+    assert "stopped at a checkpoint" not in done.stderr

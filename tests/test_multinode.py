@@ -395,7 +395,8 @@ def test_a_dead_node_ends_the_run_and_the_same_command_resumes(cluster, digits_d
         subprocess.run(["bash", CLUSTER, "kill", "node2"], env=env, check=True, timeout=60)
         killed = time.monotonic()
         node1.wait(timeout=60)  # no hang inside a collective
-        assert time.monotonic() - killed < 60 and node1.returncode != 0
+        # a failure, not a stop at a checkpoint (launch/torchrun.sh ends with 75 only after one)
+        assert time.monotonic() - killed < 60 and node1.returncode not in (0, 75)
     finally:
         for proc in (node1, node2):
             if proc.poll() is None:
