@@ -76,6 +76,9 @@ done
 if [ "$launcher" = openmpi ]; then
   # mpirun gives the ranks no rendezvous address: rank 0 runs on the hostfile's first host.
   echo "MASTER_ADDR=$(ds_flag --master_addr "${hosts[0]}")" >>"$env_file"
+fi
+if [ "$launcher" = openmpi ] || [ "$launcher" = slurm ]; then
+  # Neither runner passes --master_port on (massl's ranks would take 29500 whatever it says).
   echo "MASTER_PORT=$master_port" >>"$env_file"
 fi
 # Slurm's runner starts a script path, never a module (srun python -u SCRIPT); the others, the module.

@@ -297,8 +297,9 @@ def test_deepspeed_launcher_with_a_hostfile_trains_two_processes(tmp_path):
 
 
 RECORD_ARGS = """#!/usr/bin/env python3
-import json, sys
+import json, os, shutil, sys
 json.dump(sys.argv[1:], open(sys.argv[0] + ".args", "w"))
+shutil.copy(os.environ["DS_ENV_FILE"], sys.argv[0] + ".env")
 """
 
 
@@ -337,3 +338,22 @@ def test_ds_launcher_args_with_an_unmatched_quote_stop_in_one_line(tmp_path):
     assert done.returncode == 2 and not os.path.exists(str(runner) + ".args")
     assert done.stderr.strip().splitlines() == [
         "error: DS_LAUNCHER_ARGS cannot be split into arguments (an unmatched quote?): --launcher_args \"--mca x"]
+
+
+@pytest.mark.parametrize("launcher", ["openmpi", "slurm"])
+@pytest.mark.parametrize("port_args, port", [("", "29500"), (" --master_port 29600", "29600")])
+def test_mpirun_and_srun_ranks_get_the_master_port(tmp_path, launcher, port_args, port):
+    """DeepSpeed's Open MPI and Slurm runners do not pass --master_port on: the script puts it in
+    the environment every rank gets (before: under Slurm the ranks took 29500 whatever it said)."""
+    runner = tmp_path / "deepspeed"
+    runner.write_text(RECORD_ARGS)
+    runner.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), str(hostfile), "cfg.yaml"],
+                          env={**os.environ, "DEEPSPEED": str(runner), "DS_LAUNCHER_ARGS": f"--launcher {launcher}{port_args}"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = open(str(runner) + ".env").read().splitlines()
+    assert [line for line in lines if line.startswith("MASTER_PORT=")] == [f"MASTER_PORT={port}"]
+    assert ("MASTER_ADDR=node1" in lines) == (launcher == "openmpi")  # srun's ranks find it themselves
