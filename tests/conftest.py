@@ -39,13 +39,18 @@ def digit_shards(digits_dir, tmp_path_factory):
     return out
 
 
+# The suite's tiny ViT (about 0.1 s per step at 16 px), for the overrides below and the engine
+# tests' config (tests/engines_common.py).
+TINY_MODEL = {"arch": "custom", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "drop_path": 0.0,
+              "head_hidden_dim": 64, "head_bottleneck_dim": 16}
+
+
 def tiny_overrides(data_path: str, output_dir: str) -> list[str]:
-    """A ViT small enough for multi-step CPU tests (about 0.1 s per step)."""
+    """A run of the tiny ViT small enough for multi-step CPU tests."""
     return [
         f"data.path={data_path}", f"run.output_dir={output_dir}", "run.device=cpu", "run.tensorboard=false",
         "run.log_every=1", "run.threads=1",
-        "model.arch=custom", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
-        "model.drop_path=0.0", "model.head_hidden_dim=64", "model.head_bottleneck_dim=16",
+        *(f"model.{key}={value}" for key, value in TINY_MODEL.items()),
         "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2", "data.batch_size=8",
         "data.num_workers=0", "memory.size=64", "memory.partition_size=16",
         "optim.epochs=2", "optim.warmup_epochs=1", "loss.warmup_teacher_temp_epochs=1",

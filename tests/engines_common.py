@@ -15,6 +15,7 @@ from massl.config import config_from_dict
 from massl.dist import init_distributed
 from massl.train import build_step, train
 from massl.trainer_state import TrainerState
+from tests.conftest import TINY_MODEL
 
 N_IMAGES = 24  # 3 global batches of 8: five steps cross an epoch boundary
 GLOBAL_BATCH = 8
@@ -22,8 +23,7 @@ GLOBAL_BATCH = 8
 BASE = {
     "run": {"device": "cpu", "precision": "fp32", "max_steps": 5, "threads": 1, "seed": 0, "resume": "auto",
             "log_every": 1, "tensorboard": False, "checkpoint_every": 2, "keep_last": 3},
-    "model": {"arch": "custom", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path": 0.0,
-              "head_hidden_dim": 64, "head_bottleneck_dim": 32, "head_use_bn": True},
+    "model": {**TINY_MODEL, "head_bottleneck_dim": 32, "head_use_bn": True},
     "memory": {"size": 64, "partition_size": 32},
     "loss": {"warmup_teacher_temp_epochs": 1},
     # SGD: exact enough to compare engines step by step (AdamW amplifies rounding in near-zero gradients); the per-parameter
