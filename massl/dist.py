@@ -10,7 +10,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -127,6 +127,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     group = None
     if world > 1:
         if not dist.is_initialized():
+            assert address is not None  # found above whenever the group was still to start
             os.environ["MASTER_ADDR"] = address
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group(
@@ -146,7 +147,7 @@ def process_group(env: DistEnv) -> dist.ProcessGroup:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1, device_id=env.device if env.device.type == "cuda" else None)
-    return dist.group.WORLD
+    return cast(dist.ProcessGroup, dist.group.WORLD)  # set once the default group exists
 
 
 def world_of(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -176,9 +177,9 @@ def gather_rows_to_main(x: torch.Tensor, group: Optional[dist.ProcessGroup],
     if world == 1:
         return x
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else x.device
-    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([x.shape[0]], device=device), group=group)
-    counts = [int(c.item()) for c in counts]
+    gathered = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor([x.shape[0]], device=device), group=group)
+    counts = [int(c.item()) for c in gathered]
     parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
     for start in range(0, max(counts), chunk_rows):
         rows = min(chunk_rows, max(counts) - start)
@@ -188,6 +189,7 @@ def gather_rows_to_main(x: torch.Tensor, group: Optional[dist.ProcessGroup],
         received = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
         dist.gather(piece, received, group_dst=0, group=group)
         if rank == 0:
+            assert received is not None  # made on rank 0 above
             for r in range(world):
                 parts[r].append(received[r][:max(0, min(rows, counts[r] - start))].to(x.device))
     if rank != 0:

@@ -82,12 +82,12 @@ def load_strict(module: nn.Module, state: dict, path: str, what: str) -> None:
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def init_from(nets: list[nn.Module], path: str, trust: bool = False) -> None:
+def init_from(nets: list[SSLNet], path: str, trust: bool = False) -> None:
     """Load `path` into each SSLNet of `nets` (student and teacher): backbone and, when the file
     has one (a massl teacher), projection head; otherwise the head keeps its random init."""
     state = read_weights(path, trust)
     if any(k.startswith("backbone.") for k in state):  # a massl teacher: backbone.* and head.*
-        parts = {"backbone": {}, "head": {}}
+        parts: dict[str, dict[str, torch.Tensor]] = {"backbone": {}, "head": {}}
         for k, v in state.items():
             part, _, rest = k.partition(".")
             parts.setdefault(part, {})[rest] = v

@@ -123,6 +123,7 @@ class MetricsLogger:
         if metrics.get("skipped_images"):
             line += f" skipped {int(metrics['skipped_images'])}"
         log.info(line)
+        assert self.jsonl is not None  # opened whenever enabled
         self.jsonl.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
@@ -139,6 +140,7 @@ class MetricsLogger:
             return
         metrics = {f"eval/{k}": v for k, v in {**metrics, "seconds": seconds}.items()}
         log.info(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items()))
+        assert self.jsonl is not None  # opened whenever enabled
         self.jsonl.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
         self.jsonl.flush()
         if self.writer is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -65,11 +66,12 @@ class DinoPosEmbedViT(VisionTransformer):
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         batch, grid_h, grid_w, dim = x.shape  # dynamic_img_size: the patch embedding keeps the grid
+        assert self.cls_token is not None and self.pos_embed is not None  # backbone_spec keeps both
         x = torch.cat([self.cls_token.expand(batch, -1, -1), x.view(batch, -1, dim)], dim=1)
         return self.pos_drop(x + dino_resize_pos_embed(self.pos_embed, grid_h, grid_w))
 
 
-def build_backbone(m: ModelConfig, img_size: int, drop_path: float = 0.0) -> nn.Module:
+def build_backbone(m: ModelConfig, img_size: int, drop_path: float = 0.0) -> VisionTransformer:
     """The ViT of `m`, initialised as the published code: timm's init, then the CLS token
     trunc-normal std 0.02 like the position embedding (timm draws it with std 1e-6)."""
     kwargs = backbone_spec(m, img_size)["kwargs"]
@@ -145,6 +147,8 @@ def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
     if not any(hasattr(p, "ds_tensor") for p in src.parameters()):
         dst.load_state_dict(src.state_dict())
         return
+    d: Any  # ZeRO-3 parameters, then buffers (DeepSpeed's attributes are not in torch's types)
+    s: Any
     for d, s in zip(dst.parameters(), src.parameters()):
         d.ds_tensor.copy_(s.ds_tensor)
     for d, s in zip(dst.buffers(), src.buffers()):

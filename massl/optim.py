@@ -18,7 +18,8 @@ from .dist import all_reduce_
 def param_groups(model: nn.Module) -> list[dict]:
     """Weight decay only on parameters with 2+ dims, as the published code: biases and norms get
     none; the CLS token and position embedding ([1, n, d]) do decay."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:  # (a parameter ZeRO-3 partitioned at construction keeps its shape in ds_shape)
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)

@@ -141,6 +141,7 @@ def start_history(output_dir: str, ckpt: CheckpointManager, base: Optional[str])
         _split_metrics(metrics, manifest["step"], os.path.join(aside, "metrics.jsonl"))
     latest = os.path.join(ckpt.root, "latest")
     if here:
+        assert base is not None  # `here` implies a base
         write_text_atomic(latest, os.path.basename(base) + "\n")
     elif os.path.exists(latest):
         os.remove(latest)

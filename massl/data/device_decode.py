@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from PIL import Image
@@ -69,7 +69,9 @@ def size_groups(shapes: list[tuple[int, int]], columns: int) -> list[list[int]]:
     when padding would pass MAX_PADDING or the group's floats (g x 3 x H x max(W, columns), its
     padded images or its horizontally resampled crops) would pass MAX_GROUP_FLOATS."""
     order = sorted(range(len(shapes)), key=lambda i: (shapes[i][0] * shapes[i][1], shapes[i]))
-    groups, current, h_max, w_max, area = [], [], 0, 0, 0
+    groups: list[list[int]] = []
+    current: list[int] = []
+    h_max, w_max, area = 0, 0, 0
     for i in order:
         h, w = shapes[i]
         hm, wm, a, g = max(h_max, h), max(w_max, w), area + h * w, len(current) + 1
@@ -129,10 +131,10 @@ class DeviceDecoder:
 
     def __init__(self, aug: MultiCropAugmentation):
         self.aug = aug
-        self.classes = {}  # crop size -> the views of that size (2 global, L local)
+        self.classes: dict[int, list[int]] = {}  # crop size -> the views of that size (2 global, L local)
         for v, s in enumerate(aug.sizes):
             self.classes.setdefault(s, []).append(v)
-        self.streams = {}
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __call__(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
         if device.type != "cuda":
@@ -154,8 +156,11 @@ class DeviceDecoder:
         return out
 
     def decode(self, batch: Batch, device: torch.device) -> list[torch.Tensor]:
-        enc = batch.encoded
-        size_b = len(batch.params[0])
+        # only batches with encoded JPEGs get here, and they always carry parameter rows
+        # (data.decode=device runs the photometric ops on the device)
+        enc, params = batch.encoded, batch.params
+        assert enc is not None and params is not None
+        size_b = len(params[0])
         out = [torch.empty((size_b, 3, s, s), dtype=torch.uint8, device=device) for s in self.aug.sizes]
         dev_rows = enc.rows.tolist()
         cpu_rows = sorted(set(range(size_b)) - set(dev_rows))
@@ -167,7 +172,8 @@ class DeviceDecoder:
         blobs = [enc.data[offsets[k]:offsets[k + 1]] for k in range(len(dev_rows))]
         images = decode_jpegs(blobs, device)
         decoded = [k for k, im in enumerate(images) if im is not None]
-        self.resize_into(out, [images[k] for k in decoded], enc.boxes[decoded], [dev_rows[k] for k in decoded], device)
+        good = [im for im in images if im is not None]  # images[k] for k in decoded
+        self.resize_into(out, good, enc.boxes[decoded], [dev_rows[k] for k in decoded], device)
         dead = []
         for k, im in enumerate(images):
             if im is None and not self.cpu_fallback(out, blobs[k], enc.boxes[k], dev_rows[k], batch, device):
@@ -181,7 +187,8 @@ class DeviceDecoder:
         if not images:
             return
         columns = max(len(views) * s for s, views in self.classes.items())
-        for group in size_groups([tuple(im.shape[1:]) for im in images], columns):
+        shapes = [cast(tuple[int, int], tuple(im.shape[1:])) for im in images]  # (H, W) of [3, H, W]
+        for group in size_groups(shapes, columns):
             index = torch.tensor([rows[k] for k in group], device=device)
             for s, views in self.classes.items():
                 crops = resize_group([images[k] for k in group], boxes[group][:, views], s, self.aug.mode)
@@ -210,7 +217,9 @@ class DeviceDecoder:
     def replace(out: list[torch.Tensor], batch: Batch, dead: list[int]) -> None:
         """Each undecodable sample becomes a copy of the next usable one of the batch (crops and
         parameters), so the batch keeps its size; counted in batch.skipped."""
-        alive = sorted(set(range(len(batch.params[0]))) - set(dead))
+        params = batch.params
+        assert params is not None  # decode() checked it
+        alive = sorted(set(range(len(params[0]))) - set(dead))
         if not alive:
             raise RuntimeError(f"no sample of a batch decodes ({len(dead)} JPEGs); "
                                f"check the data with `massl-shard verify` or use data.decode=cpu")
@@ -218,5 +227,5 @@ class DeviceDecoder:
             src = next((r for r in alive if r > row), alive[0])
             for v in range(len(out)):
                 out[v][row] = out[v][src]
-                batch.params[v][row] = batch.params[v][src]
+                params[v][row] = params[v][src]
         batch.skipped += len(dead)

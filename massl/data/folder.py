@@ -1,7 +1,7 @@
 """Image-folder input: class sub-folders (labels) or a flat folder, read with random access."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -87,7 +87,7 @@ class ImageFolderSource:
         if self.sampler.iters_per_epoch == 0:
             raise ConfigError(f"data.path: {d.path!r} has {len(self.dataset)} images, fewer than one global batch "
                               f"({world} ranks x data.batch_size {d.batch_size}); lower data.batch_size")
-        self.loader = torch.utils.data.DataLoader(
+        self.loader: Optional[torch.utils.data.DataLoader] = torch.utils.data.DataLoader(
             self.dataset, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.num_workers,
             collate_fn=collate, pin_memory=pin_memory, drop_last=True,
             persistent_workers=d.num_workers > 0, prefetch_factor=4 if d.num_workers > 0 else None,
@@ -101,6 +101,7 @@ class ImageFolderSource:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch, start_batch)
+        assert self.loader is not None, "epoch() after close()"
         for batch in self.loader:
             for path, reason in batch.unreadable:
                 if path not in self.named:

@@ -174,7 +174,8 @@ class MultiCropAugmentation:
 
     def crop(self, pixels: torch.Tensor, p: CropParams, size: int, sx: float, sy: float) -> torch.Tensor:
         if p.angle:
-            rotated = Image.fromarray(pixels.permute(1, 2, 0).numpy()).rotate(p.angle, resample=Image.BILINEAR)
+            image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+            rotated = image.rotate(p.angle, resample=Image.Resampling.BILINEAR)
             pixels = to_uint8_tensor(rotated)
         left, top, w, h = p.box
         return resized_crop(pixels, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), size, self.mode)
@@ -187,7 +188,8 @@ class MultiCropAugmentation:
         sx, sy = pixels.shape[2] / width, pixels.shape[1] / height
         return [self.crop(pixels, p, v.size, sx, sy) for p, v in zip(crops, self.views)]
 
-    def apply(self, img: Image.Image, crops: list[CropParams], data: Optional[bytes] = None):
+    def apply(self, img: Image.Image, crops: list[CropParams],
+              data: Optional[bytes] = None) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         """-> (V uint8 tensors, [V, NUM_PARAMS] float tensor or None)."""
         out = self.cropped(img, crops, data)
         if self.on_device:

@@ -11,7 +11,7 @@ import os
 import posixpath
 import re
 import tarfile
-from typing import IO, Iterator, Optional
+from typing import IO, Iterator, Optional, cast
 
 from ..errors import UserError
 from .files import image_extension
@@ -47,11 +47,15 @@ def iter_samples(tar: tarfile.TarFile, skip: int = 0) -> Iterator[tuple[str, dic
     A read error propagates (the caller decides what a damaged shard means), after the sample
     being read is yielded if its image was read completely.
     """
-    key, files, index = None, {}, -1
+    key: Optional[str] = None
+    files: dict[str, bytes] = {}
+    index = -1
     try:
         while True:
             info = tar.next()
-            tar.members = []  # tarfile keeps every header it read; a shard can hold millions
+            # tarfile keeps every header it read; a shard can hold millions. (`members` is a real
+            # TarFile attribute that typeshed's stub leaves out.)
+            tar.members = []  # type: ignore[attr-defined]
             if info is None:
                 break
             k, ext = split_member_name(info.name)
@@ -62,7 +66,8 @@ def iter_samples(tar: tarfile.TarFile, skip: int = 0) -> Iterator[tuple[str, dic
                     yield key, files
                 key, files, index = k, {}, index + 1
             if index >= skip:
-                files[ext] = tar.extractfile(info).read()
+                # a regular file (isfile() above): extractfile() returns its reader, never None
+                files[ext] = cast(IO[bytes], tar.extractfile(info)).read()
     except SHARD_ERRORS:
         if key is not None and index >= skip and image_extension(files):
             yield key, files

@@ -98,8 +98,9 @@ def read_slots(urls: list[str], pieces, timeout: float = 0.0) -> Iterator[Option
         except SHARD_ERRORS as e:
             error = e
         except BaseException:  # a timeout, a stop signal, the reader abandoned: not the shard's fault
-            if getattr(stream, "proc", None) is not None:  # a pipe: command: close() would wait for it to end
-                stream.proc.kill()
+            proc = getattr(stream, "proc", None)
+            if proc is not None:  # a pipe: command: close() would wait for it to end
+                proc.kill()
             raise
         finally:
             if stream is not None:
@@ -179,7 +180,7 @@ class WebDatasetSource:
         self.aug = MultiCropAugmentation(d, photometric_on_device=gpu_augment)
         self.prepare = DevicePrepare(d, self.aug.on_device, self.aug)
         self.pin_memory = pin_memory
-        self._loader_iter = None
+        self._loader_iter: Optional[Iterator[Batch]] = None
         if rank == 0 and len(self.urls) < world * self.workers:
             warn(f"{len(self.urls)} shard(s) for {world} rank(s) x {self.workers} worker(s): readers share shards, "
                  f"each reading only its own samples (more shards spread the I/O better)")
@@ -214,7 +215,8 @@ class WebDatasetSource:
         k0 = first // size
         pieces = epoch_pieces(self.counts, self.seed, epoch, lo + k0 * size, hi)
         slots = fill_missing(read_slots(self.urls, pieces, self.d.timeout_s), f"epoch {epoch}, rank {self.rank}, worker {worker}")
-        pending, warned = [], set()
+        pending: list[tuple] = []
+        warned: set[str] = set()
         for k in range(k0, -(-(hi - lo) // size)):
             block = list(itertools.islice(slots, min(size, hi - lo - k * size)))
             perm = block_permutation(len(block), self.seed, epoch, self.rank, worker, k)
@@ -232,8 +234,8 @@ class WebDatasetSource:
             dataset, batch_size=None, collate_fn=_identity, num_workers=self.d.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=2, persistent_workers=False,
             worker_init_fn=ignore_stop_signals)
-        self._loader_iter = iter(loader)
-        return self._loader_iter
+        self._loader_iter = loader_iter = iter(loader)
+        return loader_iter
 
     def close(self) -> None:
         self._loader_iter = None

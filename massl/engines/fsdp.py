@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -87,7 +88,9 @@ class FSDPEngine(TorchOptimizerEngine):
             # block kept gathered after its forward is all-gathered twice per step (first forward,
             # second backward) instead of four times. The teacher has no backward: it reshards.
             reshard = model is teacher or self.cfg.engine.fsdp_reshard_after_forward
-            for block in model.backbone.blocks:
+            # an SSLNet's timm backbone (as wrapping._blocks)
+            blocks = cast(nn.Sequential, cast(nn.Module, model.backbone).blocks)
+            for block in blocks:
                 fully_shard(block, mesh=self.mesh, mp_policy=policy, reshard_after_forward=reshard)
             fully_shard(model, mesh=self.mesh, mp_policy=policy)
         teacher.register_forward_hook(_reshard)

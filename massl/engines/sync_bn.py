@@ -47,6 +47,8 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
         """As nn.BatchNorm1d: exponential average (or cumulative with momentum None), unbiased variance."""
+        # the buffers exist with track_running_stats, the only case that calls this
+        assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked.add_(1)
         factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,9 @@ from ..errors import UserError
 from ..logging import log
 from ..progress import format_duration
 from ..signals import ignore_stop_signals
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 WARN_SKIPPED = 20  # unreadable images named in warnings per extraction and rank (all are counted)
 
@@ -51,8 +54,13 @@ class FeatureSpec:
     def __call__(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.plain:
             return backbone(x)
-        layers = backbone.forward_intermediates(x, indices=self.n_last_blocks, return_prefix_tokens=True, norm=True,
-                                                intermediates_only=True, output_fmt="NLC")
+        # only a timm ViT (models.build_backbone) has blocks: massl-eval refuses these specs for --weights pixels
+        vit = cast("VisionTransformer", backbone)
+        # intermediates_only with prefix tokens: (patch tokens, prefix tokens) per block, a case
+        # timm's return annotation does not spell out
+        layers = cast("list[tuple[torch.Tensor, torch.Tensor]]",
+                      vit.forward_intermediates(x, indices=self.n_last_blocks, return_prefix_tokens=True, norm=True,
+                                               intermediates_only=True, output_fmt="NLC"))
         parts = [prefix[:, 0] for _, prefix in layers]
         if self.avgpool:
             parts.append(layers[-1][0].mean(dim=1))
@@ -151,7 +159,10 @@ def extract_features(backbone: nn.Module, data, transform, image_size: int, batc
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return spec(backbone, x.to(device, non_blocking=True)).float()
 
-    feats, labels, index, skipped = [], [], [], []
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    index: list[torch.Tensor] = []
+    skipped: list[tuple[int, str, str]] = []  # (sample number, name, reason)
     done, t0 = 0, time.perf_counter()
     for x, y, idx, ok, failed in loader:
         feats.append(forward(x)[ok.to(device)].cpu())
@@ -171,13 +182,17 @@ def extract_features(backbone: nn.Module, data, transform, image_size: int, batc
                      f"eta {format_duration((total - done) / rate)})")
     for _ in range(len(batch_ranges(len(data), batch_size, 0, world)) - len(ranges)):  # the collective count
         feats.append(forward(torch.zeros(1, 3, image_size, image_size))[:0].cpu())
-    feats, labels, index = (gather_rows_to_main(torch.cat(t) if t else torch.zeros(0, dtype=torch.long), group)
-                            for t in (feats, labels, index))
+    all_feats, all_labels, all_index = (
+        gather_rows_to_main(torch.cat(t) if t else torch.zeros(0, dtype=torch.long), group)
+        for t in (feats, labels, index))
     if world > 1:
-        everyone = [None] * world if rank == 0 else None
+        # placeholders on rank 0, each replaced by one rank's list
+        everyone: Optional[list[Any]] = [None] * world if rank == 0 else None
         dist.gather_object(skipped, everyone, group_dst=0, group=group)
-        skipped = [s for part in everyone for s in part] if rank == 0 else skipped
+        skipped = [s for part in everyone for s in part] if everyone is not None else skipped
     if rank != 0:
         return None
-    order = index.argsort()  # loader workers interleave their batches
-    return Features(feats[order], labels[order], index[order], list(data.classes), sorted(skipped))
+    # rank 0 holds the gathered rows (gather_rows_to_main gives None only on the other ranks)
+    assert all_feats is not None and all_labels is not None and all_index is not None
+    order = all_index.argsort()  # loader workers interleave their batches
+    return Features(all_feats[order], all_labels[order], all_index[order], list(data.classes), sorted(skipped))

@@ -91,6 +91,7 @@ class PeriodicKNN:
         if not self.env.is_main:
             return {}
         train, val = feats
+        assert train is not None and val is not None  # extract_features returns None only off the main rank
         for key, f, data in (("train", train, self.train), ("val", val, self.val)):
             why = unusable(f"eval.{key}", getattr(self.e, key), f, len(data))
             if why:  # a metric of nothing would read as a collapse (0.0) or divide by zero

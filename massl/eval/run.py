@@ -31,6 +31,9 @@ class PixelFeatures(torch.nn.Module):
     evaluation transform's normalisation undone): the raw-pixel baseline a trained network
     should beat."""
 
+    mean: torch.Tensor  # buffers, [1, 3, 1, 1]
+    std: torch.Tensor
+
     def __init__(self, mean: list, std: list):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
@@ -144,6 +147,7 @@ def evaluate(a: argparse.Namespace) -> dict | None:
                   for data, label in zip(inputs, ("train", "val")))
     if not env.is_main:
         return None
+    assert train is not None and val is not None  # features_of returns None only off the main rank
     check_usable(a, train, val, inputs)
     align_labels(train.classes, val)
     skipped = train.skipped + val.skipped

@@ -122,9 +122,9 @@ def embedding_png(points: np.ndarray, labels: list, classes: list, method: str) 
     """A scatter plot of `points` coloured by class (grey without a label)."""
     fig = _figure(6.5, 5.5)
     ax = fig.add_subplot(1, 1, 1)
-    labels = np.asarray(labels)
-    for c in sorted(set(labels.tolist())):
-        sel = labels == c
+    ys = np.asarray(labels)
+    for c in sorted(set(ys.tolist())):
+        sel = ys == c
         name = classes[c] if 0 <= c < len(classes) else "no label"
         ax.scatter(points[sel, 0], points[sel, 1], s=8, color=_class_colour(c, len(classes)) if c >= 0 else "0.6", label=name)
     ax.set_title(f"{method.upper()} of the teacher's features ({len(points)} images)", fontsize=10)

@@ -43,7 +43,9 @@ def read_images(path: str, count: int) -> ImageSet:
             if s.image is None:
                 log.warning(f"warning: massl-report: skipping image {s.name}: {s.error}")
                 continue
-            out.images.append(s.image), out.labels.append(s.label), out.names.append(s.name)
+            out.images.append(s.image)
+            out.labels.append(s.label)
+            out.names.append(s.name)
         return out
     try:
         paths, labels, out.classes = scan_image_folder(path)
@@ -56,13 +58,15 @@ def read_images(path: str, count: int) -> ImageSet:
         except DECODE_ERRORS as e:
             log.warning(f"warning: massl-report: skipping image {paths[i]}: {type(e).__name__}: {e}")
             continue
-        out.images.append(image), out.labels.append(labels[i]), out.names.append(paths[i])
+        out.images.append(image)
+        out.labels.append(labels[i])
+        out.names.append(paths[i])
     return out
 
 
 def pick_for_maps(labels: list, count: int) -> list[int]:
     """`count` positions, one per class first (the first image of each), then the next ones."""
-    first = {}
+    first: dict[int, int] = {}  # label -> position of its first image
     for i, y in enumerate(labels):
         first.setdefault(y, i)
     chosen = sorted(first.values())[:count]

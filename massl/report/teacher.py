@@ -2,16 +2,22 @@
 the patch tokens, and the image features (the backbone's output, as massl-eval uses them)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn as nn
 
+if TYPE_CHECKING:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import VisionTransformer
+
 
 @torch.no_grad()
-def cls_attention(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def cls_attention(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """[B, heads, grid_h, grid_w]: the softmax attention of the CLS token to each patch in the
     last block, per head (the maps of DINO's figures). The block runs its fused attention, which
     returns no weights, so they are recomputed here from the block's input and its qkv weights."""
-    attn = backbone.blocks[-1].attn
+    attn = cast("Attention", backbone.blocks[-1].attn)  # the blocks of models.build_backbone: timm's own
     seen = []
     handle = attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
@@ -30,7 +36,7 @@ def cls_attention(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def patch_tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def patch_tokens(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """[B, grid_h, grid_w, C]: the last block's patch tokens after the final norm."""
     grid_h, grid_w = backbone.patch_embed(x).shape[1:3]
     tokens = backbone.forward_features(x)

@@ -19,7 +19,7 @@ N_TRAIN = 1297
 def write_digits(out: str, size: int = 32) -> dict:
     """Write the split; `size` > 8 upscales each image (bicubic) so crops of it are not limited to whole 8x8 pixels."""
     try:
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+        from sklearn.datasets import load_digits
     except ImportError:
         raise UserError("massl.tools.digits needs scikit-learn (its digits data set): "
                         "pip install 'massl[quickstart]' (or pip install scikit-learn)") from None

@@ -75,7 +75,7 @@ ONE_TAP = np.ones(1, np.float32)
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """PIL's GaussianBlur(sigma): its box passes along x, then along y, rounded once at the end."""
     box = np.trim_zeros(blur_box(sigma)).astype(np.float32)  # symmetric: stays centred
-    y = x.astype(np.float32)
+    y: np.ndarray = x.astype(np.float32)  # float32 here; cv2's stub types sepFilter2D's result more loosely
     for kx, ky in [(box, ONE_TAP)] * BLUR_PASSES + [(ONE_TAP, box)] * BLUR_PASSES:
         y = cv2.sepFilter2D(y, -1, kx, ky, borderType=cv2.BORDER_REPLICATE)
     return np.clip(np.rint(y), 0, 255).astype(np.uint8)

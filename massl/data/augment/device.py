@@ -107,7 +107,7 @@ class GpuAugment:
         self.mean, self.std = list(mean), list(std)
 
     @staticmethod
-    def _apply(x: torch.Tensor, rows: torch.Tensor, fn, *columns: str) -> torch.Tensor:
+    def _apply(x: torch.Tensor, rows: torch.Tensor, fn, *columns: torch.Tensor) -> torch.Tensor:
         """x[rows] = fn(x[rows], params...) for the selected samples only."""
         if rows.numel() == 0:
             return x

@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import logging
 import os
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -64,7 +65,8 @@ def init_deepspeed_comm(deepspeed, device: torch.device) -> None:
     on the machines we test on; massl never uses it, so it is neither built nor started."""
     cpu = device.type == "cpu"
     local_size = os.environ.pop("LOCAL_SIZE", None) if cpu else None
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is also torch itself)
+    # (deepspeed.comm.torch is also torch itself); Any: its attributes are patched below
+    ds_torch_comm: Any = importlib.import_module("deepspeed.comm.torch")
 
     build_shm_op = ds_torch_comm.build_shm_op
     if cpu:
@@ -200,10 +202,12 @@ class DeepSpeedEngine(Engine):
                         b.data = b.data.to(self.dtype)
         names = [n for n, _ in teacher.named_parameters()]
         prepartitioned = zero_init.prepartitioned(teacher)  # built in model_init's context
+        initial: Optional[list[torch.Tensor]]  # ZeRO-3's teacher values (the EMA's start)
         if prepartitioned:  # the teacher's fp32 pieces (the EMA's start), then the weights in the compute dtype
             # (in fp32 the pieces stay as they are: no copy of the teacher's partition)
+            zero_params: list[Any] = list(teacher.parameters())  # ZeRO-3 parameters (ds_tensor: this rank's piece)
             initial = [t.ds_tensor.detach() if self.dtype == torch.float32 else t.ds_tensor.detach().float().clone()
-                       for t in teacher.parameters()]
+                       for t in zero_params]
             for model in (student, teacher):
                 zero_init.cast_partitions_(model, self.dtype)
         else:
@@ -217,8 +221,9 @@ class DeepSpeedEngine(Engine):
                                                              dist_init_required=False)
             share_fp32_masters_(self.ds.optimizer)
             step_on_gradient_buffer_(self.ds.optimizer)
+            assert initial is not None  # set above for ZeRO-3
             pairs = list(zip(student.parameters(), teacher.parameters(), names, initial))
-            self.partitions = Stage3(self.ds.optimizer, pairs, teacher, prepartitioned)
+            self.partitions: Stage3 | Stage12 = Stage3(self.ds.optimizer, pairs, teacher, prepartitioned)
         else:
             self.partitions = Stage12(self.ds.optimizer, student, teacher, self.dtype)
         return student, teacher
@@ -281,7 +286,7 @@ class DeepSpeedEngine(Engine):
         with gathered:
             yield _CastInputModule(backbone, self.dtype)
         if self.stage == 3:
-            self.partitions.regather_persistent()  # the gathered context released the persistent ones too
+            cast(Stage3, self.partitions).regather_persistent()  # the gathered context released the persistent ones too
 
     def save(self, directory: str) -> None:
         checkpoint.save(self, directory)
@@ -291,4 +296,4 @@ class DeepSpeedEngine(Engine):
         for group, flag in zip(self.ds.optimizer.param_groups, self.wd_flags):
             group["apply_wd"] = flag  # a universal checkpoint's groups all carry the first group's keys
         if self.stage == 3:
-            self.partitions.refresh()
+            cast(Stage3, self.partitions).refresh()

@@ -20,6 +20,8 @@ small persistent parameters stay gathered, refreshed after each EMA in one coale
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -131,7 +133,7 @@ def _adjacent_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
                 or t.storage_offset() != end):
             return None
         end += t.numel()
-    return first.new_empty(0).set_(storage, offset, (end - offset,))
+    return first.new_empty(0).set_(storage, offset, (end - offset,), (1,))  # contiguous, as the default stride
 
 
 def step_on_gradient_buffer_(optimizer) -> None:
@@ -157,7 +159,8 @@ def step_on_gradient_buffer_(optimizer) -> None:
 class Stage3:
     """ZeRO-3: gradient and master pieces per parameter; the teacher engine's partitions follow the master."""
 
-    def __init__(self, optimizer, pairs: list[tuple[nn.Parameter, nn.Parameter, str, torch.Tensor]],
+    # the parameters as Any: ZeRO-3's attributes (ds_tensor, ds_shape, ...) are not in torch's types
+    def __init__(self, optimizer, pairs: list[tuple[Any, Any, str, torch.Tensor]],
                  teacher: nn.Module, pieces: bool = False):
         """`pairs`: (student parameter, teacher parameter, teacher name, the teacher's initial fp32
         values on the CPU), both parameters already partitioned by their engines; with `pieces`
