@@ -301,6 +301,21 @@ import json, os, shutil, sys
 json.dump(sys.argv[1:], open(sys.argv[0] + ".args", "w"))
 shutil.copy(os.environ["DS_ENV_FILE"], sys.argv[0] + ".env")
 """
+TWO_HOSTS = "node1 slots=1\nnode2 slots=1\n"  # two hosts: the script adds no launcher flag of its own
+
+
+def launch_with_a_recording_runner(tmp_path, hosts: str, ds_launcher_args: str, *overrides: str):
+    """launch/deepspeed.sh with a stand-in for DeepSpeed's runner that records its arguments
+    (`runner.args`) and the environment file it was handed (`runner.env`): (result, runner path)."""
+    runner = tmp_path / "deepspeed"
+    runner.write_text(RECORD_ARGS)
+    runner.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(hosts)
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), str(hostfile), "cfg.yaml",
+                           *overrides], env={**os.environ, "DEEPSPEED": str(runner), "DS_LAUNCHER_ARGS": ds_launcher_args},
+                          capture_output=True, text=True, timeout=60)
+    return done, str(runner)
 
 
 @pytest.mark.parametrize("ds_launcher_args, expected", [
@@ -312,30 +327,16 @@ shutil.copy(os.environ["DS_ENV_FILE"], sys.argv[0] + ".env")
 def test_ds_launcher_args_are_split_as_a_shell_splits_words(tmp_path, ds_launcher_args, expected):
     """launch/deepspeed.sh passes DS_LAUNCHER_ARGS to DeepSpeed's runner word by word, a quoted value
     with spaces as one argument (docs/multinode.md's `--launcher_args "--mca ..."`)."""
-    runner = tmp_path / "deepspeed"
-    runner.write_text(RECORD_ARGS)
-    runner.chmod(0o755)
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")  # two hosts: the script adds no flag of its own
-    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), str(hostfile), "cfg.yaml", "a=1"],
-                          env={**os.environ, "DEEPSPEED": str(runner), "DS_LAUNCHER_ARGS": ds_launcher_args},
-                          capture_output=True, text=True, timeout=60)
+    done, runner = launch_with_a_recording_runner(tmp_path, TWO_HOSTS, ds_launcher_args, "a=1")
     assert done.returncode == 0, done.stderr
-    args = json.load(open(str(runner) + ".args"))
-    assert args == ["--hostfile", str(hostfile)] + expected + ["--module", "massl.cli", "--config", "cfg.yaml",
-                                                                "engine.name=deepspeed", "a=1"]
+    args = json.load(open(runner + ".args"))
+    assert args == ["--hostfile", str(tmp_path / "hostfile")] + expected + [
+        "--module", "massl.cli", "--config", "cfg.yaml", "engine.name=deepspeed", "a=1"]
 
 
 def test_ds_launcher_args_with_an_unmatched_quote_stop_in_one_line(tmp_path):
-    runner = tmp_path / "deepspeed"
-    runner.write_text(RECORD_ARGS)
-    runner.chmod(0o755)
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=1\n")
-    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), str(hostfile), "cfg.yaml"],
-                          env={**os.environ, "DEEPSPEED": str(runner), "DS_LAUNCHER_ARGS": '--launcher_args "--mca x'},
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and not os.path.exists(str(runner) + ".args")
+    done, runner = launch_with_a_recording_runner(tmp_path, "localhost slots=1\n", '--launcher_args "--mca x')
+    assert done.returncode == 2 and not os.path.exists(runner + ".args")
     assert done.stderr.strip().splitlines() == [
         "error: DS_LAUNCHER_ARGS cannot be split into arguments (an unmatched quote?): --launcher_args \"--mca x"]
 
@@ -345,15 +346,8 @@ def test_ds_launcher_args_with_an_unmatched_quote_stop_in_one_line(tmp_path):
 def test_mpirun_and_srun_ranks_get_the_master_port(tmp_path, launcher, port_args, port):
     """DeepSpeed's Open MPI and Slurm runners do not pass --master_port on: the script puts it in
     the environment every rank gets (before: under Slurm the ranks took 29500 whatever it said)."""
-    runner = tmp_path / "deepspeed"
-    runner.write_text(RECORD_ARGS)
-    runner.chmod(0o755)
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
-    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed.sh"), str(hostfile), "cfg.yaml"],
-                          env={**os.environ, "DEEPSPEED": str(runner), "DS_LAUNCHER_ARGS": f"--launcher {launcher}{port_args}"},
-                          capture_output=True, text=True, timeout=60)
+    done, runner = launch_with_a_recording_runner(tmp_path, TWO_HOSTS, f"--launcher {launcher}{port_args}")
     assert done.returncode == 0, done.stderr
-    lines = open(str(runner) + ".env").read().splitlines()
+    lines = open(runner + ".env").read().splitlines()
     assert [line for line in lines if line.startswith("MASTER_PORT=")] == [f"MASTER_PORT={port}"]
     assert ("MASTER_ADDR=node1" in lines) == (launcher == "openmpi")  # srun's ranks find it themselves
