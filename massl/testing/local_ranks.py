@@ -21,7 +21,10 @@ def _local_rank_entry(fn, rank, world, port, backend, queue, args, env):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        # A client of the parent's store: the parent bound its port before starting us, so no other
+        # process can take it in between (a port found free and bound later can be).
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
         # Pickled here: tensors put on the queue as-is travel as shared memory that dies with this process.
         result = pickle.dumps(fn(rank, world, *args))
         dist.barrier()
@@ -33,13 +36,36 @@ def _local_rank_entry(fn, rank, world, port, backend, queue, args, env):
             dist.destroy_process_group()
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks the local ports of outgoing connections from."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port free on this machine now (for a local rendezvous)."""
+    """A TCP port free on this machine now, for a launcher's rendezvous: chosen at random below the
+    kernel's ephemeral range, so that no outgoing connection (of a neighbouring test's ranks, say)
+    can be given it in the moment between this check and the launcher binding it."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low = _ephemeral_ports()[0]
+    first = 20000 if low > 21000 else 1024
+    for _ in range(200):
+        port = random.randrange(first, low)
+        if port in (29400, 29500):  # torchrun's and DeepSpeed's defaults, which tests also use
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {first}..{low - 1}")
 
 
 def run_local_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 300.0,
@@ -54,7 +80,9 @@ def run_local_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: 
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    # The store lives here until every rank has finished: its port is held from before any rank starts.
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_local_rank_entry, args=(fn, r, world_size, port, backend, queue, args, env or {}))
              for r in range(world_size)]
     for p in procs:
@@ -74,6 +102,7 @@ def run_local_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout: 
             p.join(timeout=5 if errors else 30)
             if p.is_alive():
                 p.kill()
+        del store
     if errors:
         raise RuntimeError("distributed run failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
