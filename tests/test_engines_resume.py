@@ -41,8 +41,11 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not yet reaped
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # reaped since the check above
+        return False
 
 
 def _kill_all(proc: subprocess.Popen, markers: str) -> None:

@@ -245,6 +245,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def cmdline(pid: int) -> str:
+    """The process's command line; empty once it has gone (it may, between the listing and here)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_kill_9_leaves_no_worker_behind(tmp_path):
     """massl-shard --workers 2 killed with SIGKILL: its pool workers end too (they waited on their
     task queue forever)."""
@@ -265,8 +274,7 @@ def test_kill_9_leaves_no_worker_behind(tmp_path):
         deadline = time.monotonic() + 60
         while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
-            workers = [p for p in descendants(proc.pid)
-                       if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+            workers = [p for p in descendants(proc.pid) if "spawn_main" in cmdline(p)]
         assert len(workers) == 2 and proc.poll() is None
         proc.kill()
         proc.wait()
