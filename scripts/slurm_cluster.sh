@@ -21,29 +21,7 @@ die() { echo "slurm_cluster: $*" >&2; exit 1; }
 
 # A free port below the kernel's ephemeral range: a port from that range can be handed to another
 # process's outgoing connection before the daemon binds it.
-free_port() {
-  python3 - <<'PY'
-import random, socket
-try:
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-except (OSError, ValueError):
-    low = 32768
-first = 20000 if low > 21000 else 1024
-for _ in range(200):
-    port = random.randrange(first, low)
-    if port in (29400, 29500):
-        continue
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-    print(port)
-    break
-else:
-    raise SystemExit(f"no free TCP port in {first}..{low - 1}")
-PY
-}
+free_port() { python3 "$(dirname "${BASH_SOURCE[0]}")/../massl/testing/ports.py"; }
 
 munge_ok() { munge -S "$sock" -n | unmunge -S "$sock"; }
 node_idle() { [ "$(sinfo -h -o %T 2>/dev/null)" = idle ]; }

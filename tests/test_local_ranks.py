@@ -5,7 +5,7 @@ import socket
 import torch.multiprocessing
 
 from massl.testing import free_port, run_local_ranks
-from massl.testing.local_ranks import _ephemeral_ports
+from massl.testing.ports import _ephemeral_ports
 
 
 def _rank_and_world(rank, world):
