@@ -18,7 +18,7 @@ class _ThievingProcess(multiprocessing.get_context("spawn").Process):
     stolen: list = []
 
     def start(self):
-        port = self._args[3]
+        port = self._args[3]  # run_local_ranks's arguments to each rank: (fn, rank, world, port, ...)
         thief = socket.socket()
         try:
             thief.bind(("127.0.0.1", port))
@@ -43,6 +43,8 @@ def test_a_process_that_grabs_the_port_before_the_ranks_start_cannot_break_the_r
     """Another process (a neighbouring test's connection) binding the rendezvous port between its
     choice and rank 0's start would fail the run with EADDRINUSE. Here a thief tries exactly
     then; the harness must hold the port already."""
+    _ThievingProcess.thieves.clear()
+    _ThievingProcess.stolen.clear()
     real_get_context = torch.multiprocessing.get_context
     monkeypatch.setattr(torch.multiprocessing, "get_context", lambda method: _Context(real_get_context(method)))
     try:
