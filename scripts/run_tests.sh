@@ -5,6 +5,15 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
+# The tests write checkpoints, shards and logs under the temp dir (about 300 MiB; pytest keeps its last 3 runs):
+# with too little room hundreds of them would fail at once with ENOSPC, so say it in one line first.
+tmp="${TMPDIR:-/tmp}"
+need_mib=1024
+free_mib=$(( $(df -Pk "$tmp" | awk 'NR==2 {print $4}') / 1024 ))
+if [ "$free_mib" -lt "$need_mib" ]; then
+  echo "error: $tmp has ${free_mib} MiB free; the test suite needs about ${need_mib} MiB there: free some space or set TMPDIR to a larger disk" >&2
+  exit 1
+fi
 # The type checker first (mypy.ini: massl/, strict on the method and the engine interface); offline.
 .venv/bin/python -m mypy
 # Two worker processes (pytest-xdist; MASSL_TEST_WORKERS=0 runs in this one): much of a test's time
