@@ -18,10 +18,12 @@ def test_run_tests_refuses_a_nearly_full_temp_dir(tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
     # The tmpfs lives in the child's own mount namespace: it is gone when the child ends.
-    script = (f'mount -t tmpfs -o size=64m massl-small "{small}" && '
+    script = (f'mount -t tmpfs -o size=64m massl-small "{small}" || exit 99; '
               f'TMPDIR="{small}" exec bash scripts/run_tests.sh -k no_such_test')
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if r.returncode == 99 or (r.returncode == 1 and "unshare:" in r.stderr):
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {r.stderr.strip()}")
     assert r.returncode == 1, (r.stdout, r.stderr)
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {small} has "), r.stderr
